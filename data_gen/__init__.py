@@ -1,0 +1,1 @@
+"""FairFaceGPT generation: FairFace (or synthetic) faces -> attribute QA -> TFDS ArrayRecord."""

@@ -1,0 +1,13 @@
+"""Entry point `python -m facellm_jax.demo` (not built yet)."""
+
+import sys
+
+from facellm_jax._unbuilt import not_built
+
+
+def main(argv: list[str] | None = None) -> int:
+  return not_built("facellm_jax.demo")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
