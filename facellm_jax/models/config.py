@@ -148,9 +148,12 @@ def from_hf_dict(d: dict[str, Any]) -> FaceLLMConfig:
       rope_theta=float(rope_theta),
       rms_norm_eps=t.get("rms_norm_eps", 1e-6),
       max_position_embeddings=t.get("max_position_embeddings", 32768),
-      tie_word_embeddings=t.get("tie_word_embeddings", d.get("tie_word_embeddings", False)),
+      tie_word_embeddings=tie,  # transformers >= 5 ties by the top-level flag
       hidden_act=t.get("hidden_act", "silu"),
   )
+  if v.get("use_mean_pooling", True) is False:
+    raise ValueError("vision use_mean_pooling=False (a final ViT LayerNorm) is not supported")
+  tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else t.get("tie_word_embeddings", False)
   layer = d.get("vision_feature_layer", -1)
   if isinstance(layer, (list, tuple)):
     raise ValueError("a list of vision_feature_layer values is not supported")
@@ -183,7 +186,7 @@ def to_hf_dict(c: FaceLLMConfig) -> dict[str, Any]:
       "max_position_embeddings": t.max_position_embeddings,
       "tie_word_embeddings": t.tie_word_embeddings,
       "hidden_act": t.hidden_act,
-      "attention_bias": t.qkv_bias if t.model_type == "qwen3" else None,
+      "attention_bias": False if t.model_type == "qwen3" else None,
       "use_sliding_window": False,
   }
   text = {k: val for k, val in text.items() if val is not None}
@@ -216,3 +219,14 @@ def to_hf_dict(c: FaceLLMConfig) -> dict[str, Any]:
       "vision_feature_select_strategy": c.vision_feature_select_strategy,
       "tie_word_embeddings": t.tie_word_embeddings,
   }
+
+
+def from_config_dict(d: Any) -> FaceLLMConfig:
+  """From the `model` block of an ml_collections config (keys as in the dataclasses)."""
+  d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+  vision, text = d.pop("vision"), d.pop("text")
+  return FaceLLMConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **d)
+
+
+def to_config_dict(c: FaceLLMConfig) -> dict[str, Any]:
+  return dataclasses.asdict(c)

@@ -1,0 +1,104 @@
+"""InternVL image preprocessing: RGB, bicubic resize to the vision size, ImageNet normalization, NHWC.
+
+Matches InternVL's own `load_image`/`dynamic_preprocess` (PIL bicubic on uint8, then /255 and
+mean/std) and the PIL backend of transformers' `GotOcr2ImageProcessor` that `InternVL*-hf` uses,
+so a checkpoint sees the pixels it was trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (x / 255 - mean) / std folded into one multiply-add over the uint8 pixels.
+_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, np.float64))).astype(np.float32)
+_OFFSET = (-np.asarray(IMAGENET_MEAN, np.float64) / np.asarray(IMAGENET_STD)).astype(np.float32)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+  """Reads an image file as uint8 RGB [H, W, 3]."""
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert("RGB"))
+  except FileNotFoundError:
+    raise FileNotFoundError(f"image file not found: {path}") from None
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot read image {path}: expected a JPEG/PNG/WebP file that PIL can decode "
+                     f"({type(e).__name__}: {e})") from e
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] from a grayscale, RGB or RGBA uint8 array (alpha dropped, as PIL's convert)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"expected an image of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
+                     f"got {image.shape}")
+  if image.shape[-1] == 1:
+    return np.repeat(image, 3, axis=-1)
+  return image[..., :3]
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bicubic resize of a uint8 RGB image, in PIL exactly as InternVL does."""
+  if image.shape[:2] == (height, width):
+    return image
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> float32 `(x / 255 - mean) / std`."""
+  return image.astype(np.float32) * _SCALE + _OFFSET
+
+
+@functools.lru_cache(maxsize=64)
+def _grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+  """(columns, rows) grids with min..max tiles, fewest tiles first (ties: by columns, then rows)."""
+  grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+           if min_tiles <= c * r <= max_tiles]
+  return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def best_grid(height: int, width: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+  """InternVL's grid choice: the closest aspect ratio; on a tie, more tiles while the image is larger
+  than half the tiled area (so small images are not blown up)."""
+  if not 1 <= min_tiles <= max_tiles:
+    raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+  aspect, area = width / height, width * height
+  best, best_diff = (1, 1), float("inf")
+  for cols, rows in _grids(min_tiles, max_tiles):
+    diff = abs(aspect - cols / rows)
+    if diff < best_diff:
+      best, best_diff = (cols, rows), diff
+    elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+      best = (cols, rows)
+  return best
+
+
+def preprocess(image: np.ndarray, image_size: int, *, max_tiles: int = 1, min_tiles: int = 1,
+               use_thumbnail: bool = True) -> np.ndarray:
+  """Model-ready tiles float32 [num_tiles, S, S, 3] of one image.
+
+  With `max_tiles == 1` the whole image is resized to S x S (FaceLLM's setting for face crops).
+  Otherwise InternVL's dynamic tiling: resize to the best grid of S x S tiles, row-major, plus a
+  whole-image thumbnail last when there is more than one tile.
+  """
+  image = to_rgb(image)
+  if max_tiles == 1:
+    return normalize(resize(image, image_size, image_size))[None]
+  cols, rows = best_grid(image.shape[0], image.shape[1], image_size, min_tiles, max_tiles)
+  canvas = resize(image, rows * image_size, cols * image_size)
+  tiles = canvas.reshape(rows, image_size, cols, image_size, 3).transpose(0, 2, 1, 3, 4)
+  tiles = tiles.reshape(rows * cols, image_size, image_size, 3)
+  if use_thumbnail and rows * cols > 1:
+    tiles = np.concatenate([tiles, resize(image, image_size, image_size)[None]])
+  return normalize(tiles)

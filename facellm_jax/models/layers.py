@@ -1,0 +1,120 @@
+"""Building blocks shared by the vision tower, the projector and the language model.
+
+Every parameter carries `axes`: logical axis names that `models/sharding.py` maps onto the
+device mesh. Parameters live in `param_dtype` (float32 master weights); matmuls run in `dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+          init: str = "normal", scale: float = 0.02) -> nnx.Param:
+  """A parameter with logical axis names; `rngs=None` only under `nnx.eval_shape`-style init."""
+  if init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "const":
+    value = jnp.full(shape, scale, dtype)
+  else:
+    value = scale * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, axes=axes)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel [in, out]; `lora` is filled by `models.lora.apply_lora`."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+               axes: tuple[str | None, str | None], rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.in_features, self.out_features = in_features, out_features
+    self.kernel = param(rngs, (in_features, out_features), axes, param_dtype,
+                        scale=1.0 / math.sqrt(in_features))
+    self.bias = param(rngs, (out_features,), (axes[1],), param_dtype, "zeros") if use_bias else None
+    self.dtype = dtype
+    self.lora = None
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    y = x @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """Qwen / InternViT-6B RMSNorm: normalize in float32, scale after casting back."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axes=("norm",), param_dtype=jnp.float32):
+    self.scale = param(rngs, (dim,), axes, param_dtype, "ones")
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axes=("norm",), param_dtype=jnp.float32):
+    self.scale = param(rngs, (dim,), axes, param_dtype, "ones")
+    self.bias = param(rngs, (dim,), axes, param_dtype, "zeros")
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, rngs: nnx.Rngs, param_dtype) -> nnx.Module:
+  cls = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}[kind]
+  return cls(dim, eps=eps, rngs=rngs, param_dtype=param_dtype)
+
+
+def activation(name: str):
+  try:
+    return {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }[name]
+  except KeyError:
+    raise ValueError(f"unsupported activation {name!r}") from None
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str | None = None) -> Array:
+  """Multi-head / grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask broadcastable to [B,N,T,S].
+
+  Softmax runs in float32; fully masked rows stay finite (the XLA path masks with a large
+  negative number), which keeps padded rows NaN-free in packed batches.
+  """
+  if implementation in (None, "xla"):
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(h))
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (b, n, t, k.shape[1])).reshape(b, kv, n // kv, t, k.shape[1])
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
