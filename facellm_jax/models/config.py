@@ -132,6 +132,9 @@ def from_hf_dict(d: dict[str, Any]) -> FaceLLMConfig:
       layer_scale_init_value=v.get("layer_scale_init_value", 0.1),
       hidden_act=v.get("hidden_act", "gelu"),
   )
+  if v.get("use_mean_pooling", True) is False:
+    raise ValueError("vision use_mean_pooling=False (a final ViT LayerNorm) is not supported")
+  tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else t.get("tie_word_embeddings", False)
   heads = t.get("num_attention_heads", 14)
   rope_theta = t.get("rope_theta")
   if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
@@ -151,9 +154,6 @@ def from_hf_dict(d: dict[str, Any]) -> FaceLLMConfig:
       tie_word_embeddings=tie,  # transformers >= 5 ties by the top-level flag
       hidden_act=t.get("hidden_act", "silu"),
   )
-  if v.get("use_mean_pooling", True) is False:
-    raise ValueError("vision use_mean_pooling=False (a final ViT LayerNorm) is not supported")
-  tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else t.get("tie_word_embeddings", False)
   layer = d.get("vision_feature_layer", -1)
   if isinstance(layer, (list, tuple)):
     raise ValueError("a list of vision_feature_layer values is not supported")
