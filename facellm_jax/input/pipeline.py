@@ -1,0 +1,287 @@
+"""The Grain input pipeline: FairFaceGPT records -> fixed-shape, checkpointable training batches.
+
+  source -> shuffle(seed, new order each epoch) -> repeat -> this process's slice
+         -> record_to_example (decode, resize, normalize, chat template, tokenize, mask, truncate)
+         -> skip examples that do not fit (counted) -> pack or pad -> batch -> images first
+         -> [mp_prefetch]
+
+`record_to_example` is a pure function of one record; everything after it only moves arrays.
+The conversion runs on the `MapDataset` side, so Grain's read threads already parallelize it
+inside each process (PIL, numpy and the tokenizer release the GIL).
+
+Batch (every step the same shapes; B = batch_size, T = seq_len, M = max_images_per_row):
+  input_ids int32 [B, T], targets int32 [B, T] (the next token), loss_mask float32 [B, T] (1 where
+  the target is an assistant token), positions int32 [B, T] (restart at each packed example),
+  segment_ids int32 [B, T] (1.. per packed example, 0 = padding), num_images int32 [B] (real
+  images/tiles per row), pixel_values float32 [B * M, S, S, 3]: the real images first, in order of
+  appearance (row-major, then left to right), zero images after them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+from absl import logging
+from grain.experimental import FirstFitPackIterDataset
+
+from facellm_jax.input import image as image_lib
+from facellm_jax.input import template
+from facellm_jax.input import tokenizer as tok_lib
+
+# An endless stream in which nothing fits would otherwise spin forever.
+_MAX_CONSECUTIVE_DROPS = 1000
+
+
+def open_tfds_source(data_dir: str | os.PathLike, split: str = "train") -> Sequence[dict[str, Any]]:
+  """The random-access ArrayRecord data source of a TFDS dataset directory written by data_gen."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  try:
+    builder = tfds.builder_from_directory(os.fspath(data_dir))
+  except OSError as e:
+    raise FileNotFoundError(
+        f"{data_dir} is not a TFDS dataset directory (no readable dataset_info.json); expected "
+        "the output directory of `python -m data_gen generate`") from e
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
+  return builder.as_data_source(split=split)
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def fit_example(ids: np.ndarray, loss_mask: np.ndarray, pixel_values: np.ndarray, *, seq_len: int,
+                image_token_id: int, num_image_tokens: int) -> dict[str, np.ndarray] | None:
+  """Shifts a rendered conversation into (input, next-token target) pairs of at most `seq_len`.
+
+  Too long: cut from the end (the answer goes first), but never inside an image's placeholder run
+  (the whole image goes, with its tiles). None when no assistant token would remain as a target,
+  i.e. when the prompt alone does not fit.
+  """
+  cut = min(len(ids), seq_len + 1)  # keep ids[:cut]: inputs ids[:cut-1], targets ids[1:cut].
+  spans = template.image_spans(ids, image_token_id)
+  for start, end in spans:
+    if start < cut - 1 < end:
+      cut = start
+      break
+  answer = np.flatnonzero(loss_mask)
+  if not answer.size or answer[0] >= cut:
+    return None
+  kept_tiles = sum((end - start) // num_image_tokens for start, end in spans if end <= cut - 1)
+  return {
+      "input_ids": ids[:cut - 1],
+      "targets": ids[1:cut],
+      "loss_mask": loss_mask[1:cut],
+      "pixel_values": pixel_values[:kept_tiles],
+  }
+
+
+def record_to_example(record: Mapping[str, Any], tokenizer: tok_lib.Tokenizer, *, image_size: int,
+                      num_image_tokens: int, seq_len: int, max_tiles: int = 1,
+                      system_prompt: str | None = None) -> dict[str, np.ndarray] | None:
+  """One (image, question, answer) record -> an unpadded example, or None if its prompt is too long.
+
+  The user turn is `<image>\\n{question}` and the assistant turn is the answer, as FaceLLM trains.
+  """
+  missing = [k for k in ("image", "question", "answer") if k not in record]
+  if missing:
+    raise KeyError(f"record is missing {missing}; expected at least image, question, answer "
+                   f"(got {sorted(record)})")
+  tiles = image_lib.preprocess(record["image"], image_size, max_tiles=max_tiles)
+  messages = [
+      {"role": "user", "content": f"{template.IMAGE_MARKER}\n{_text(record['question'])}"},
+      {"role": "assistant", "content": _text(record["answer"])},
+  ]
+  ids, mask = template.render_conversation(
+      messages, tokenizer, num_image_tokens, num_tiles=[len(tiles)], system_prompt=system_prompt)
+  return fit_example(ids, mask, tiles, seq_len=seq_len, image_token_id=tokenizer.image_token_id,
+                     num_image_tokens=num_image_tokens)
+
+
+def record_stream(source: Sequence[Any], *, seed: int, shuffle: bool = True,
+                  num_epochs: int | None = None, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """This process's records in training order: a fresh permutation per epoch, then every
+  `process_count`-th record, so the processes' shares of an epoch are disjoint and cover it."""
+  if not len(source):
+    raise ValueError("the data source is empty")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  return ds[process_index::process_count]
+
+
+class _SkipUnfit(grain.IterDataset):
+  """Drops the Nones of examples that did not fit, counting them in the (checkpointed) state."""
+
+  def __init__(self, parent: grain.IterDataset, seq_len: int):
+    super().__init__(parent)
+    self._seq_len = seq_len
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _SkipUnfitIterator(self._parent.__iter__(), self._seq_len)
+
+
+class _SkipUnfitIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    super().__init__(parent)
+    self._seq_len = seq_len
+    self.dropped = 0
+
+  def __next__(self):
+    for _ in range(_MAX_CONSECUTIVE_DROPS):
+      example = next(self._parent)
+      if example is not None:
+        return example
+      self.dropped += 1
+      if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, ...: visible but not flooding.
+        logging.warning("input: %d examples dropped so far: prompt longer than seq_len=%d",
+                        self.dropped, self._seq_len)
+    raise ValueError(f"{_MAX_CONSECUTIVE_DROPS} examples in a row do not fit in seq_len="
+                     f"{self._seq_len}: the prompt alone (image placeholders included) is longer; "
+                     "raise seq_len or use fewer image tokens/tiles")
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "dropped": self.dropped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self.dropped = state["dropped"]
+
+
+def _pad(example: dict[str, np.ndarray], *, seq_len: int, max_images: int,
+         pad_id: int) -> dict[str, np.ndarray]:
+  """One example per row: padded to `seq_len` tokens and `max_images` images."""
+  n, k = len(example["input_ids"]), len(example["pixel_values"])
+  if k > max_images:
+    raise ValueError(f"an example has {k} images/tiles but max_images_per_row={max_images}")
+  row = {
+      "input_ids": np.full(seq_len, pad_id, np.int32),
+      "targets": np.full(seq_len, pad_id, np.int32),
+      "loss_mask": np.zeros(seq_len, np.float32),
+      "positions": np.zeros(seq_len, np.int32),
+      "segment_ids": np.zeros(seq_len, np.int32),
+      "pixel_values": np.zeros((max_images, *example["pixel_values"].shape[1:]), np.float32),
+  }
+  for key in ("input_ids", "targets", "loss_mask"):
+    row[key][:n] = example[key]
+  row["positions"][:n] = np.arange(n)
+  row["segment_ids"][:n] = 1
+  row["pixel_values"][:k] = example["pixel_values"]
+  return row
+
+
+def _from_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {
+      "input_ids": row["input_ids"],
+      "targets": row["targets"],
+      "loss_mask": row["loss_mask"],
+      "positions": row["input_ids_positions"],
+      "segment_ids": row["input_ids_segment_ids"],
+      "pixel_values": row["pixel_values"],
+  }
+
+
+def _images_first(batch: dict[str, np.ndarray], *, image_token_id: int,
+                  num_image_tokens: int) -> dict[str, np.ndarray]:
+  """[B, M, ...] per-row images -> [B * M, ...] with the real ones first, in reading order."""
+  per_row = batch.pop("pixel_values")
+  counts = (batch["input_ids"] == image_token_id).sum(axis=1) // num_image_tokens
+  flat = np.zeros((per_row.shape[0] * per_row.shape[1], *per_row.shape[2:]), per_row.dtype)
+  offset = 0
+  for row, count in zip(per_row, counts):
+    flat[offset:offset + count] = row[:count]
+    offset += count
+  batch["pixel_values"] = flat
+  batch["num_images"] = counts.astype(np.int32)
+  return batch
+
+
+def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_size: int,
+                 num_image_tokens: int, seq_len: int, batch_size: int,
+                 max_images_per_row: int = 1, max_tiles: int = 1, packing: bool = False,
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 system_prompt: str | None = None, worker_count: int = 0,
+                 read_threads: int = 2) -> grain.IterDataset:
+  """This process's training batches (see the module docstring for their fields).
+
+  Args:
+    source: a random-access sequence of records (`open_tfds_source`, or any list of dicts with
+      image, question, answer).
+    tokenizer: the model's tokenizer.
+    image_size: the vision tower's input size S.
+    num_image_tokens: placeholders per image tile (the config's `image_seq_length`).
+    seq_len: tokens per row T; longer conversations are truncated (see `fit_example`).
+    batch_size: rows per batch of this process.
+    max_images_per_row: image slots per row M; when packing, also a packing limit.
+    max_tiles: InternVL dynamic tiling up to this many tiles (+1 thumbnail); 1 = one resized image.
+    packing: pack several examples per row (never splitting one) instead of one padded example.
+    seed: shuffling seed (each epoch uses its own permutation).
+    shuffle: shuffle records; off, every epoch is in source order.
+    num_epochs: None repeats forever (train by steps); the last partial batch is dropped.
+    process_index, process_count: this process's slice; default `jax.process_index()/count()`.
+    system_prompt: optional system message before each conversation.
+    worker_count: >0 runs the pipeline in that many processes (`mp_prefetch`); the batches are then
+      a deterministic interleaving that depends on `worker_count`.
+    read_threads: threads per process converting records.
+
+  Returns:
+    A `grain.IterDataset`; its iterator's `get_state()`/`set_state()` resume exactly.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  images_per_example = 1 if max_tiles == 1 else max_tiles + 1
+  if max_images_per_row < images_per_example:
+    raise ValueError(f"max_images_per_row={max_images_per_row} cannot hold one example's "
+                     f"{images_per_example} images (max_tiles={max_tiles}, thumbnail included)")
+  for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                      ("image_size", image_size), ("num_image_tokens", num_image_tokens)):
+    if value <= 0:
+      raise ValueError(f"{name} must be positive, got {value}")
+
+  ds = record_stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                     process_index=process_index, process_count=process_count)
+  ds = ds.map(functools.partial(
+      record_to_example, tokenizer=tokenizer, image_size=image_size,
+      num_image_tokens=num_image_tokens, seq_len=seq_len, max_tiles=max_tiles,
+      system_prompt=system_prompt))
+  read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(4 * read_threads, 8))
+  it = _SkipUnfit(ds.to_iter_dataset(read, allow_nones=True), seq_len)
+  if packing:
+    pad = tokenizer.pad_id
+    it = FirstFitPackIterDataset(
+        it,
+        length_struct={"input_ids": seq_len, "targets": seq_len, "loss_mask": seq_len,
+                       "pixel_values": max_images_per_row},
+        padding_struct={"input_ids": pad, "targets": pad, "loss_mask": 0, "pixel_values": 0},
+        meta_features=("targets", "loss_mask", "pixel_values"),
+        num_packing_bins=batch_size,
+        shuffle_bins=False)
+    it = it.map(_from_packed)
+  else:
+    it = it.map(functools.partial(_pad, seq_len=seq_len, max_images=max_images_per_row,
+                                  pad_id=tokenizer.pad_id))
+  it = it.batch(batch_size, drop_remainder=True)
+  it = it.map(functools.partial(_images_first, image_token_id=tokenizer.image_token_id,
+                                num_image_tokens=num_image_tokens))
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; callers outside absl.app too.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
