@@ -25,7 +25,11 @@ import tempfile
 import time
 from typing import Iterable, Mapping, Sequence
 
+from array_record.python import array_record_module
 from PIL import Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_info, file_adapters, naming, utils
+from tensorflow_datasets.core import splits as split_lib
 
 DATASET_NAME = "fairfacegpt"
 VERSION = "1.0.0"
@@ -56,9 +60,8 @@ class ImageQA:
   qa: Sequence[QA]
 
 
-def features():
-  """The dataset's fixed feature set (imports TFDS lazily: it is slow to import)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+def features() -> tfds.features.FeaturesDict:
+  """The dataset's fixed feature set: the same for every run, so features.json never changes."""
   spec = {"image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")}
   spec.update({name: tfds.features.Text() for name in TEXT_FEATURES})
   return tfds.features.FeaturesDict(spec)
@@ -97,7 +100,6 @@ def jpeg_bytes(path: str) -> bytes:
 def write_dataset(out_dir: str, images: Iterable[ImageQA], splits: Mapping[str, str],
                   description: str = "") -> dict[str, int]:
   """Atomically (re)writes the dataset in `out_dir`; returns the record count per split."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   images = list(images)
   counts: dict[str, int] = {}
   for item in images:
@@ -148,12 +150,9 @@ def _shard_name(split: str, shard: int, num_shards: int) -> str:
   return f"{DATASET_NAME}-{split}.array_record-{shard:05d}-of-{num_shards:05d}"
 
 
-def _write_metadata(out_dir: str, feats, template: str, counts: Mapping[str, int],
+def _write_metadata(out_dir: str, feats: tfds.features.FeaturesDict, template: str, counts: Mapping[str, int],
                     split_bytes: Mapping[str, int], description: str) -> None:
   """TFDS's own DatasetInfo writes the JSON; it lands in OUT by rename (the commit)."""
-  from tensorflow_datasets.core import dataset_info  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core import file_adapters, naming, utils  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core import splits as split_lib  # pylint: disable=g-import-not-at-top
   split_infos = []
   for split, total in counts.items():
     num_shards = math.ceil(total / RECORDS_PER_SHARD)

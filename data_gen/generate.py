@@ -1,0 +1,305 @@
+"""`python -m data_gen generate`: FairFace labels + images -> attribute QA -> TFDS dataset.
+
+The driver owns everything a backend must not get wrong: it validates all input before
+writing anything, sends each (image, attribute) at most once per run, journals every result
+before counting it (so `kill -9` loses only in-flight requests), resumes from the journal, and
+only then writes the dataset and OUT/report.json. The API key comes from OPENAI_API_KEY alone
+and is scrubbed from anything a backend hands back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import inspect
+import os
+import sys
+import time
+from typing import Sequence
+
+import tqdm
+
+from data_gen import fairface, prompts, tfds_writer
+from data_gen.backends.base import Backend, Request, Result
+from data_gen.backends.offline import OfflineBackend
+from data_gen.journal import Journal
+
+DEFAULT_MODEL = "gpt-4o-2024-11-20"
+JOURNAL_FILE = os.path.join(".journal", "journal.sqlite")
+_BATCH_PRICED = {"openai": False, "openai-batch": True}  # backend -> billed at Batch price
+
+
+class CliError(Exception):
+  """Bad input: reported as one line on stderr with a non-zero exit, before OUT is touched."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """argparse, but a usage error is a single line (the commands' error convention)."""
+
+  def error(self, message: str):
+    raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def check_out_dir(out: str) -> None:
+  """OUT may be new, empty, or a previous output of ours; anything else is left alone."""
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise CliError(f"--out {out} exists and is not a directory")
+  entries = set(os.listdir(out))
+  if entries and not entries & {".journal", "dataset_info.json", "report.json"}:
+    raise CliError(f"--out {out} is a non-empty directory that is not a data_gen output;"
+                   " choose a new or empty directory")
+
+
+def build_requests(faces: Sequence[fairface.Face], attributes: Sequence[str],
+                   prompt_set: prompts.PromptSet) -> list[Request]:
+  """One request per (image, attribute), images in CSV order, attributes in canonical order."""
+  return [Request(face.image_id, attribute, face.path, prompt_set.system,
+                  prompt_set.user_prompt(attribute, face.labels), dict(face.labels))
+          for face in faces for attribute in attributes]
+
+
+@dataclasses.dataclass
+class RunOptions:
+  out: str
+  attributes: list[str]
+  prompt_set: prompts.PromptSet = dataclasses.field(default_factory=prompts.PromptSet)
+  seed: int = 0
+  val_fraction: float = 0.0
+  model: str | None = None  # for the cost estimate; None for backends that cost nothing
+  secret: str | None = None  # scrubbed from every result before it is journaled
+  progress: bool = True
+
+
+def run(faces: Sequence[fairface.Face], bad_rows: Sequence[fairface.BadRow],
+        backend: Backend, options: RunOptions) -> dict[str, object]:
+  """Resumes or starts the run in `options.out`; returns the report (also in report.json)."""
+  start = time.time()
+  os.makedirs(os.path.join(options.out, ".journal"), exist_ok=True)
+  with _exclusive(options.out), Journal(os.path.join(options.out, JOURNAL_FILE)) as journal:
+    requests = build_requests(faces, options.attributes, options.prompt_set)
+    final = journal.final_keys()
+    pending = [r for r in requests if r.key not in final]
+    run_counts = asyncio.run(_answer(backend, pending, journal, options))
+    keys = [r.key for r in requests]
+    totals = journal.summary(keys)
+    answers = {(r["image_id"], r["attribute"]): r for r in journal.rows("ok")}
+    items = []
+    for face in faces:
+      qa = [tfds_writer.QA(a, options.prompt_set.question[a], answers[k]["answer"],
+                           answers[k]["source"])
+            for a in options.attributes if (k := (face.image_id, a)) in answers]
+      if qa:
+        items.append(tfds_writer.ImageQA(face.image_id, face.path, face.labels, qa))
+    splits = {}
+    if items:
+      split_of = tfds_writer.assign_splits([i.image_id for i in items], options.seed,
+                                           options.val_fraction)
+      splits = tfds_writer.write_dataset(
+          options.out, items, split_of,
+          description=f"FairFaceGPT-style attribute QA, {len(options.attributes)} attributes.")
+    cost = _estimate_cost(journal.rows(), set(keys), options.model)
+  written = sum(splits.values())
+  report = {
+      "backend": backend.name, "model": options.model, "images": len(faces),
+      "attributes": list(options.attributes), "expected": len(requests),
+      "already_done": len(requests) - len(pending), "requested": len(pending),
+      "written": written, "refused": totals["refused"], "failed": totals["failed"],
+      "unanswered": len(requests) - written - totals["refused"] - totals["failed"],
+      "splits": splits, "prompt_tokens": totals["prompt_tokens"],
+      "completion_tokens": totals["completion_tokens"], "estimated_cost_usd": cost,
+      "bad_images": [b.as_dict() for b in bad_rows], "skipped_rows": len(bad_rows),
+      "run": run_counts, "elapsed_s": round(time.time() - start, 3),
+  }
+  tfds_writer.write_json(os.path.join(options.out, "report.json"), report)
+  return report
+
+
+async def _answer(backend: Backend, pending: Sequence[Request], journal: Journal,
+                  options: RunOptions) -> dict[str, int]:
+  """Runs the backend; each result is journaled (durably) before it is counted."""
+  counts = {"requested": len(pending), "ok": 0, "refused": 0, "failed": 0,
+            "prompt_tokens": 0, "completion_tokens": 0}
+  waiting = {r.key for r in pending}
+  bar = tqdm.tqdm(total=len(pending), unit="req", desc="generate", disable=not options.progress,
+                  mininterval=0.5, dynamic_ncols=True)
+
+  def emit(result: Result) -> None:
+    result = _scrub(result, options.secret)
+    # Journal even results this run did not ask for (a resumed batch may return them): they
+    # were paid for, and the journal's key makes a duplicate impossible.
+    journal.record(result, backend.name)
+    if result.key not in waiting:
+      return
+    waiting.discard(result.key)
+    counts[result.status] += 1
+    counts["prompt_tokens"] += result.prompt_tokens
+    counts["completion_tokens"] += result.completion_tokens
+    bar.set_postfix(refused=counts["refused"], failed=counts["failed"], refresh=False)
+    bar.update(1)
+
+  try:
+    if pending:
+      outcome = backend.run(pending, emit, journal)
+      if inspect.isawaitable(outcome):
+        await outcome
+  finally:
+    bar.close()
+  counts["unanswered"] = len(waiting)
+  return counts
+
+
+def _scrub(result: Result, secret: str | None) -> Result:
+  if not secret:
+    return result
+  return dataclasses.replace(result, answer=_redact(result.answer, secret),
+                             error=_redact(result.error, secret))
+
+
+def _estimate_cost(rows: Sequence[dict[str, object]], keys: set[tuple[str, str]],
+                   model: str | None) -> float | None:
+  """List-price cost of the tokens billed for `keys`, per price (chat or Batch); None if the
+  model's price is unknown."""
+  billed: dict[bool, list[int]] = {}
+  for row in rows:
+    batch = _BATCH_PRICED.get(row["source"])
+    if batch is not None and (row["image_id"], row["attribute"]) in keys:
+      tokens = billed.setdefault(batch, [0, 0])
+      tokens[0] += row["prompt_tokens"]
+      tokens[1] += row["completion_tokens"]
+  if not billed:
+    return 0.0  # offline or imported: nothing was paid for
+  if model is None:
+    return None
+  from data_gen.backends import pricing
+  costs = [pricing.estimate_cost_usd(model, p, c, batch) for batch, (p, c) in billed.items()]
+  return None if None in costs else round(sum(costs), 6)
+
+
+@contextlib.contextmanager
+def _exclusive(out: str):
+  """An advisory lock on OUT: two runs on one journal would pay twice for the same work."""
+  fd = os.open(os.path.join(out, ".journal", "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise CliError(f"another run is already writing to {out}") from None
+    yield
+  finally:
+    os.close(fd)
+
+
+def build_parser() -> OneLineParser:
+  p = OneLineParser(prog="python -m data_gen generate", description=__doc__.split("\n")[0])
+  p.add_argument("--labels", required=True, help="FairFace label CSV (file,age,gender,race,"
+                 "service_test[,extra ground-truth columns])")
+  p.add_argument("--images", required=True, help="image root; the CSV's `file` is relative")
+  p.add_argument("--out", required=True, help="output: TFDS dataset + report.json + journal")
+  p.add_argument("--backend", choices=("offline", "openai", "openai-batch"), default="offline")
+  p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL") or None,
+                 help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+  p.add_argument("--model", default=DEFAULT_MODEL)
+  p.add_argument("--concurrency", type=int, default=16, help="requests in flight (chat)")
+  p.add_argument("--limit", type=int, help="use only the first N usable images of the CSV")
+  p.add_argument("--attributes", help=f"comma list of {','.join(prompts.ATTRIBUTES)} (all)")
+  p.add_argument("--seed", type=int, default=0, help="offline phrasing and train/val split")
+  p.add_argument("--prompts", help="JSON file overriding system/user prompts, questions,"
+                 " refusal_phrases")
+  p.add_argument("--val-fraction", type=float, default=0.0,
+                 help="share of images (not QA pairs) in the validation split")
+  p.add_argument("--max-retries", type=int, default=8, help="per request (chat backend)")
+  p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (chat)")
+  p.add_argument("--image-max-side", type=int, help="downscale images sent to the API")
+  p.add_argument("--poll-interval", type=float, default=30.0, help="seconds (batch backend)")
+  p.add_argument("--offline-delay", type=float, default=0.0,
+                 help="seconds per offline answer, to watch or interrupt a run in flight")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return p
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+  if args.concurrency < 1:
+    raise CliError(f"--concurrency must be >= 1, got {args.concurrency}")
+  if args.limit is not None and args.limit < 1:
+    raise CliError(f"--limit must be >= 1, got {args.limit}")
+  if not 0.0 <= args.val_fraction < 1.0:
+    raise CliError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+  if args.offline_delay < 0 or args.timeout <= 0 or args.poll_interval <= 0:
+    raise CliError("--offline-delay must be >= 0; --timeout and --poll-interval > 0")
+
+
+def make_backend(args: argparse.Namespace, api_key: str | None,
+                 prompt_set: prompts.PromptSet) -> Backend:
+  """The backend for `--backend`; the OpenAI ones are imported only when asked for."""
+  if args.backend == "offline":
+    return OfflineBackend(seed=args.seed, delay=args.offline_delay)
+  try:
+    if args.backend == "openai":
+      from data_gen.backends.openai_chat import OpenAIChatBackend
+      return OpenAIChatBackend(
+          model=args.model, api_key=api_key, base_url=args.base_url,
+          concurrency=args.concurrency, max_retries=args.max_retries,
+          refusal_phrases=prompt_set.refusal_phrases, image_max_side=args.image_max_side,
+          timeout=args.timeout)
+    from data_gen.backends.openai_batch import OpenAIBatchBackend
+    return OpenAIBatchBackend(model=args.model, api_key=api_key, base_url=args.base_url,
+                              poll_interval=args.poll_interval, max_retries=args.max_retries,
+                              refusal_phrases=prompt_set.refusal_phrases,
+                              image_max_side=args.image_max_side)
+  except ImportError as e:
+    raise CliError(f"--backend {args.backend} is not available here ({e})") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  api_key = None
+  try:
+    args = build_parser().parse_args(argv)
+    _check_numbers(args)
+    if args.backend != "offline":
+      api_key = os.environ.get("OPENAI_API_KEY", "").strip() or None
+      if api_key is None:
+        raise CliError(f"--backend {args.backend} needs an API key in the OPENAI_API_KEY"
+                       " environment variable")
+    prompt_set = prompts.load_prompts(args.prompts)
+    attributes = prompts.parse_attributes(args.attributes)
+    check_out_dir(args.out)
+    faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
+    if args.limit is not None:
+      faces = faces[:args.limit]
+    if not faces:
+      raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows, first:"
+                     f" {bad[0].as_dict() if bad else 'none'})")
+    backend = make_backend(args, api_key, prompt_set)
+    options = RunOptions(args.out, attributes, prompt_set, args.seed, args.val_fraction,
+                         model=None if args.backend == "offline" else args.model,
+                         secret=api_key, progress=not args.no_progress)
+    report = run(faces, bad, backend, options)
+  except (CliError, fairface.LabelsError, prompts.PromptsError) as e:
+    print(f"error: {_redact(str(e), api_key)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted: finished results are journaled; rerun the same command to resume",
+          file=sys.stderr)
+    return 130
+  except Exception as e:
+    # A backend crash must not print a traceback that could carry the key; the journal keeps
+    # every finished result, so the same command resumes.
+    print(f"error: {type(e).__name__}: {_redact(str(e), api_key)} (finished results are"
+          " journaled; rerun the same command to resume)", file=sys.stderr)
+    return 1
+  for row in bad:
+    print(f"skipped {args.labels} line {row.line} ({row.image_id}): {row.reason}",
+          file=sys.stderr)
+  print(f"wrote {report['written']} QA pairs ({report['splits']}) to {args.out}; requested"
+        f" {report['requested']}, refused {report['refused']}, failed {report['failed']},"
+        f" skipped rows {report['skipped_rows']}", file=sys.stderr)
+  return 0
+
+
+def _redact(text: str | None, secret: str | None) -> str | None:
+  return text.replace(secret, "[redacted]") if secret and text else text

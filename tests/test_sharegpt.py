@@ -1,0 +1,118 @@
+"""import-sharegpt: the published FairFaceGPT JSON becomes the same TFDS dataset."""
+
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from data_gen import prompts, sharegpt
+
+COLORS = {"val/1.jpg": (200, 30, 30), "val/2.jpg": (30, 200, 30), "val/3.jpg": (30, 30, 200)}
+
+
+def _turns(*pairs):
+  out = []
+  for question, answer in pairs:
+    out += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+  return out
+
+
+@pytest.fixture
+def fairface(tmp_path):
+  for name, color in COLORS.items():
+    (tmp_path / "img" / "val").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((10, 14, 3), color, np.uint8)).save(tmp_path / "img" / name)
+  (tmp_path / "labels.csv").write_text(
+      "file,age,gender,race,service_test\n"
+      "val/1.jpg,20-29,Female,East Asian,True\n"
+      "val/2.jpg,3-9,Male,Black,False\n")
+  entries = [
+      {"image": "val/1.jpg", "conversations": _turns(
+          ("<image>\n" + prompts.QUESTIONS["pose"], "Frontal."))},
+      {"image": "val/1.jpg", "conversations": _turns(
+          ("<image>" + prompts.QUESTIONS["description"], "A young woman."),
+          ("And her hair?", "Long and black."))},
+      {"image": "val/2.jpg", "conversations": _turns(
+          ("<image>" + prompts.QUESTIONS["demographics"], "A boy of about 5."))},
+      {"image": "val/2.jpg", "conversations": _turns(
+          ("<image>" + prompts.QUESTIONS["demographics"], "Duplicate answer."))},
+      {"image": "val/3.jpg", "conversations": _turns(
+          ("<image>" + prompts.QUESTIONS["lighting"], "Even light."))},
+      {"image": "val/404.jpg", "conversations": _turns(
+          ("<image>" + prompts.QUESTIONS["pose"], "Left."))},
+  ]
+  (tmp_path / "dataset.json").write_text(json.dumps(entries))
+  return tmp_path
+
+
+def _argv(root, out, *extra):
+  return [str(root / "dataset.json"), "--images", str(root / "img"), "--out", str(out),
+          "--no-progress", *extra]
+
+
+def test_import_maps_questions_fills_labels_and_reads_back(fairface, tmp_path):
+  out = tmp_path / "out"
+  assert sharegpt.main(_argv(fairface, out, "--labels", str(fairface / "labels.csv"))) == 0
+  source = tfds.builder_from_directory(str(out)).as_data_source(split="train")
+  records = [source[i] for i in range(len(source))]
+  got = [(r["image_id"].decode(), r["attribute"].decode(), r["answer"].decode())
+         for r in records]
+  assert got == [("val/1.jpg", "pose", "Frontal."),
+                 ("val/1.jpg", "description", "A young woman."),
+                 ("val/1.jpg", "other", "Long and black."),
+                 ("val/2.jpg", "demographics", "A boy of about 5."),
+                 ("val/3.jpg", "lighting", "Even light.")]
+  assert records[2]["question"] == b"And her hair?"
+  assert records[1]["question"] == prompts.QUESTIONS["description"].encode()
+  assert (records[3]["age"], records[3]["gender"], records[3]["race"]) == (
+      b"3-9", b"Male", b"Black")
+  assert records[4]["age"] == b""  # not in the label CSV
+  for r in records:
+    np.testing.assert_allclose(r["image"].mean(axis=(0, 1)), COLORS[r["image_id"].decode()],
+                               atol=4)
+    assert r["source"] == b"sharegpt"
+  report = json.loads((out / "report.json").read_text())
+  assert (report["pairs"], report["written"], report["duplicates"]) == (7, 5, 1)
+  assert report["unmatched_questions"] == 1 and report["skipped_images"] == 1
+  assert report["bad_images"][0]["entry"] == 5 and report["bad_images"][0]["file"] == (
+      "val/404.jpg")
+
+
+def test_import_without_labels_leaves_them_empty(fairface, tmp_path):
+  out = tmp_path / "out"
+  assert sharegpt.main(_argv(fairface, out, "--val-fraction", "0.5")) == 0
+  builder = tfds.builder_from_directory(str(out))
+  assert set(builder.info.splits) == {"train", "validation"}
+  records = [s[i] for s in (builder.as_data_source(split) for split in builder.info.splits)
+             for i in range(len(s))]
+  assert len(records) == 5 and {r["gender"] for r in records} == {b""}
+
+
+@pytest.mark.parametrize("image", ["../secret.jpg", "/etc/passwd", "val/../../secret.jpg"])
+def test_path_escaping_entry_is_rejected_and_nothing_written(fairface, tmp_path, capsys, image):
+  entries = json.loads((fairface / "dataset.json").read_text())
+  entries.append({"image": image, "conversations": _turns(("<image>Hi", "Hello"))})
+  (fairface / "dataset.json").write_text(json.dumps(entries))
+  out = tmp_path / "out"
+  assert sharegpt.main(_argv(fairface, out)) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "entry 6" in err
+  assert "escapes the image root" in err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"image": "a.jpg"}', "JSON list"),
+    ('[{"image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]}]', "alternating"),
+    ('[{"conversations": []}]', "`image` path"),
+    ("not json", "cannot read"),
+])
+def test_malformed_file_is_a_one_line_error(tmp_path, capsys, content, message):
+  (tmp_path / "img").mkdir()
+  (tmp_path / "dataset.json").write_text(content)
+  assert sharegpt.main(_argv(tmp_path, tmp_path / "out")) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1
+  assert not (tmp_path / "out").exists()
