@@ -222,8 +222,12 @@ def to_hf_dict(c: FaceLLMConfig) -> dict[str, Any]:
 
 
 def from_config_dict(d: Any) -> FaceLLMConfig:
-  """From the `model` block of an ml_collections config (keys as in the dataclasses)."""
+  """From the `model` block of an ml_collections config (keys as in the dataclasses).
+
+  The block also carries `hf_checkpoint` (where the weights come from), which is not architecture.
+  """
   d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+  d.pop("hf_checkpoint", None)
   vision, text = d.pop("vision"), d.pop("text")
   return FaceLLMConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **d)
 
