@@ -23,6 +23,9 @@ _Labels = Mapping[str, str]
 _EMOTION = {"happy": "happiness", "sad": "sadness", "surprised": "surprise", "angry": "anger",
             "neutral": "calm"}
 _LIGHT = {"even": "evenly lit", "left": "lit from the left", "right": "lit from the right"}
+_LIGHT_FROM = {"even": "evenly", "left": "from the left", "right": "from the right"}
+_FOCUS = {"sharp": "The image is sharp and in focus.",
+          "blurry": "The image is blurry and out of focus."}
 _BRIGHTNESS = {"dim": "dim", "normal": "normally exposed", "bright": "bright"}
 _FACIAL_HAIR = {"none": "no facial hair", "beard": "a beard", "moustache": "a moustache"}
 _POSE = {"left": "turned to the left", "right": "turned to the right",
@@ -81,17 +84,18 @@ class _Writer:
     out = []
     length, color = _get(self.labels, "hair_length"), _get(self.labels, "hair_color")
     if length or color:
-      hair = " ".join(v for v in (length, color) if v)
-      out.append(self.rng.choice([f"The {self.person} has {hair} hair.",
-                                  f"The hair is {hair}."]))
+      out.append(self.rng.choice([
+          f"The {self.person} has {' '.join(v for v in (length, color) if v)} hair.",
+          f"The hair is {' and '.join(v for v in (length, color) if v)}."]))
     beard = _get(self.labels, "facial_hair")
     if beard:
       out.append(f"The {self.person} has {_FACIAL_HAIR.get(beard, beard)}.")
     glasses = _get(self.labels, "eyeglasses")
-    if glasses:
-      out.append(self.rng.choice(["The {p} wears eyeglasses.", "Eyeglasses are worn."])
-                 .format(p=self.person) if glasses == "yes" else
-                 f"The {self.person} does not wear eyeglasses.")
+    if glasses == "yes":
+      out.append(self.rng.choice([f"The {self.person} wears eyeglasses.",
+                                  "Eyeglasses are worn."]))
+    elif glasses == "no":
+      out.append(f"The {self.person} does not wear eyeglasses.")
     return out
 
   def pose(self) -> list[str]:
@@ -110,14 +114,16 @@ class _Writer:
     out = []
     light, bright = _get(self.labels, "lighting"), _get(self.labels, "brightness")
     if light:
-      out.append(self.rng.choice([f"The face is {_LIGHT.get(light, light)}.",
-                                  f"The lighting is {light}: the face is"
-                                  f" {_LIGHT.get(light, light)}."]))
+      variants = [f"The face is {_LIGHT.get(light, f'lit {light}')}."]
+      if light in _LIGHT_FROM:
+        variants.append(f"Light falls on the face {_LIGHT_FROM[light]}.")
+      out.append(self.rng.choice(variants))
     if bright:
       out.append(f"The image is {_BRIGHTNESS.get(bright, bright)}.")
     sharpness = _get(self.labels, "sharpness")
     if sharpness:
-      out.append(self.rng.choice([f"The image is {sharpness}.", f"The focus is {sharpness}."]))
+      plain = f"The image is {sharpness}."
+      out.append(self.rng.choice([plain, _FOCUS.get(sharpness, plain)]))
     jpeg = _get(self.labels, "jpeg_quality")
     if jpeg:
       out.append("There are visible JPEG compression artifacts." if jpeg == "low" else
@@ -208,7 +214,7 @@ def _forensic(w: _Writer) -> list[str]:
     return [w.demographics(), w.pick(
         "No labelled factor hampers identification.",
         "None of the labelled conditions hampers identification of the face.")]
-  text = issues[0] if len(issues) == 1 else ", ".join(issues[:-1]) + " and " + issues[-1]
+  text = issues[0] if len(issues) == 1 else "; ".join(issues[:-1]) + "; and " + issues[-1]
   return [w.demographics(),
           w.pick("For identification, note that ", "Forensically relevant: ") + text + "."]
 
