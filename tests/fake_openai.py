@@ -25,7 +25,9 @@ Faults (`Fault.*`): `script(key, *faults)` queues faults for that key's next req
 batch items), in order; `fail_next(*faults)` queues faults for the next chat requests whatever
 their key; the `faults` constructor argument (e.g. `mixed_faults`) gives every new key its first
 script. After its script, a key gets normal answers. In a batch, a chat fault becomes that
-item's error line (HTTP faults keep their status; drop/malformed/stall become `server_error`).
+item's error line (HTTP faults keep their status, drop/malformed become `server_error`,
+stall is ignored). `lose_next_response(path)` carries out the next request to `path` (e.g.
+"/v1/batches") but cuts its response off, as when a reply is lost after the server acted.
 `end_next_batch(status)` makes the next batch to finish end "failed", "expired" (the second
 half of its items unanswered) or "cancelled" (likewise). A batch finishes on its
 `batch_polls`-th retrieve.
@@ -189,8 +191,9 @@ def _parse_chat_body(body: dict) -> tuple[str, bytes, str, str]:
 class FakeOpenAI:
   """The server; a context manager (starts on enter, stops on exit)."""
 
-  def __init__(self, *, latency: float = 0.0, faults: Callable[[str], Sequence[Fault]] | None = None,
-               api_key: str = API_KEY, batch_polls: int = 2):
+  def __init__(self, *, latency: float = 0.0,
+               faults: Callable[[str], Sequence[Fault]] | None = None, api_key: str = API_KEY,
+               batch_polls: int = 2):
     self.latency = latency
     self.api_key = api_key
     self.batch_polls = batch_polls
@@ -201,6 +204,7 @@ class FakeOpenAI:
     self._scripts: dict[str, list[Fault]] = {}
     self._next: list[Fault] = []
     self._batch_endings: list[str] = []
+    self._lost: list[str] = []
     self._batch_members: dict[str, list[dict]] = {}
     self._batch_polls: dict[str, int] = {}
     self._lock = threading.Lock()
@@ -232,6 +236,17 @@ class FakeOpenAI:
   def fail_next(self, *faults: Fault) -> None:
     with self._lock:
       self._next.extend(faults)
+
+  def lose_next_response(self, path: str) -> None:
+    with self._lock:
+      self._lost.append(path)
+
+  def _take_lost(self, path: str) -> bool:
+    with self._lock:
+      if path in self._lost:
+        self._lost.remove(path)
+        return True
+      return False
 
   def end_next_batch(self, status: str) -> None:
     assert status in ("failed", "expired", "cancelled"), status
@@ -328,6 +343,7 @@ class FakeOpenAI:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
+  disable_nagle_algorithm = True  # else headers and body wait on delayed ACKs (~40 ms a reply)
   server_fake: FakeOpenAI
 
   def log_message(self, *args) -> None:
@@ -336,6 +352,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def _send(self, status: int, payload: object | bytes, headers: Sequence[tuple[str, str]] = (),
             content_type: str = "application/json") -> None:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    if self.server_fake._take_lost(urllib.parse.urlsplit(self.path).path):
+      self._cut_off()
+      return
     self.send_response(status)
     self.send_header("Content-Type", content_type)
     self.send_header("Content-Length", str(len(data)))
@@ -343,6 +362,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.send_header(name, value)
     self.end_headers()
     self.wfile.write(data)
+
+  def _cut_off(self) -> None:
+    """Headers and part of a body, then the connection closes."""
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", "400")
+    self.end_headers()
+    self.wfile.write(b'{"id": "cut-off", "choices": [')
+    self.wfile.flush()
+    self.connection.shutdown(socket.SHUT_RDWR)
+    self.close_connection = True
 
   def _error(self, status: int, message: str, code: str | None = None,
              headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -405,14 +435,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       call.retry_after = dict(fault.headers).get("Retry-After")
       self._error(fault.status, f"Injected HTTP {fault.status}.", fault.code, fault.headers)
     elif fault.kind == "drop":
-      self.send_response(200)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", "400")
-      self.end_headers()
-      self.wfile.write(b'{"id": "chatcmpl-dropped", "choices": [')
-      self.wfile.flush()
-      self.connection.shutdown(socket.SHUT_RDWR)
-      self.close_connection = True
+      self._cut_off()
     else:  # malformed
       self._send(200, b'{"id": "chatcmpl-bad", "object": "chat.completion", "choices": [{"mess')
 
@@ -512,7 +535,7 @@ class Collector:
 
 def make_requests(directory, num_images: int, attributes: Sequence[str] = ("demographics",),
                   seed: int = 0) -> list[Request]:
-  """Writes `num_images` small random JPEGs under `directory`; one Request per (image, attribute)."""
+  """Writes `num_images` small random JPEGs; returns one Request per (image, attribute)."""
   rng = np.random.default_rng(seed)
   requests = []
   for i in range(num_images):

@@ -90,10 +90,11 @@ def image_data_uri(path: str, max_side: int | None = None) -> str:
 
 def _as_jpeg(data: bytes, max_side: int | None) -> bytes:
   with Image.open(io.BytesIO(data)) as image:
-    if data[:3] == _JPEG_MAGIC and max(image.size) <= max_side:
+    too_big = max_side is not None and max(image.size) > max_side
+    if data[:3] == _JPEG_MAGIC and not too_big:
       return data
     image = image.convert("RGB")
-    if max_side is not None:
+    if too_big:
       image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95)
