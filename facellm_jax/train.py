@@ -1,12 +1,79 @@
-"""Entry point `python -m facellm_jax.train` (not built yet)."""
+"""Entry point: `python -m facellm_jax.train --config=configs/<name>.py[:variant] --workdir=W`.
 
+Overrides: `--config.train.num_steps=50`, `--config.mesh.shape.fsdp=2`, ... (ml_collections; an
+unknown key is a flag error). Rerunning with the same workdir resumes from its latest checkpoint.
+
+Multi-process (one process per host, or several on one machine for testing): pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or set the JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables); on TPU pods and SLURM,
+`--distributed` lets `jax.distributed.initialize()` find them itself.
+"""
+
+from __future__ import annotations
+
+import os
 import sys
 
-from facellm_jax._unbuilt import not_built
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                                      "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+                                   "This process's index in a multi-process run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, checkpoint saved, rerun resumes.
+
+
+def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if _COORDINATOR.value and _NUM_PROCESSES.value > 1:
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def _run(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    print("error: --config=configs/<name>.py and --workdir=DIR are required", file=sys.stderr)
+    return 2
+  _initialize_distributed()
+  from facellm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top  (after jax setup)
+  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  try:
+    loop.train(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
+  except loop.Preempted as e:
+    print(str(e), file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
+  except (loop.ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+    logging.debug("training failed", exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  return not_built("facellm_jax.train")
+  try:
+    app.run(lambda a: sys.exit(_run(a)), argv=argv)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else 1
+  return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,302 @@
+"""The training loop: config -> mesh, model, data -> jitted steps -> metrics and checkpoints.
+
+Everything that can be wrong with the inputs (dataset, mesh, batch split, tokenizer, an existing
+checkpoint of another model) is checked before anything is written to the workdir, so a failed
+start never leaves state that breaks the next run. Outputs in the workdir:
+  config.json      the resolved config
+  metrics.jsonl    one JSON object per logged step (process 0)
+  tokenizer/       the tokenizer trained on the dataset's text, for configs without one
+  checkpoints/     Orbax (see `training/checkpoint.py`)
+TensorBoard summaries need the `tensorboard` package (or TensorFlow), which this environment does
+not have, so metrics go to metrics.jsonl only; `tools like pandas.read_json(lines=True)` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from facellm_jax import hf
+from facellm_jax.input import pipeline
+from facellm_jax.input import tokenizer as tok_lib
+from facellm_jax.models import config as config_lib
+from facellm_jax.models import lora as lora_lib
+from facellm_jax.models import sharding
+from facellm_jax.training import checkpoint as ckpt_lib
+from facellm_jax.training import step as step_lib
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Records read to train a tokenizer for a config that has none (tiny configs).
+_TOKENIZER_TEXTS = 20_000
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work (with the message saying which key and why)."""
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> config_lib.FaceLLMConfig:
+  """The model architecture: the HF checkpoint's config.json when starting from one."""
+  path = cfg.model.get("hf_checkpoint", "")
+  if path:
+    return hf.read_config(path)
+  block = cfg.model.to_dict()
+  block.pop("hf_checkpoint", None)
+  return config_lib.from_config_dict(block)
+
+
+def _lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
+  if cfg.train.trainable != "lora":
+    return None
+  return lora_lib.LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                             targets=tuple(cfg.lora.targets), modules=tuple(cfg.lora.modules))
+
+
+def _rows_per_process(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+  t = cfg.train
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro, rem = divmod(t.batch_size, t.grad_accum)
+  if rem or micro % shards or micro % jax.process_count():
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
+        f"micro-batches whose rows divide over data x fsdp = {shards} devices and "
+        f"{jax.process_count()} process(es)")
+  return micro // jax.process_count()
+
+
+def _tokenizer(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, source, vocab_size: int):
+  path = cfg.tokenizer.path or cfg.model.get("hf_checkpoint", "")
+  if path:
+    return tok_lib.load_tokenizer(path)
+  out = workdir / "tokenizer"
+  if (out / "tokenizer.json").is_file():
+    return tok_lib.load_tokenizer(out)
+  # Trained in a temporary directory and renamed: an interrupted run leaves no half tokenizer.
+  n = min(len(source), _TOKENIZER_TEXTS)
+  texts = (f"{pipeline._text(r['question'])}\n{pipeline._text(r['answer'])}"  # pylint: disable=protected-access
+           for r in (source[i] for i in range(n)))
+  tmp = tempfile.mkdtemp(dir=workdir, prefix=".tokenizer-")
+  tokenizer = tok_lib.train_tokenizer(texts, vocab_size, tmp)
+  if jax.process_index() == 0:
+    os.replace(tmp, out)
+  else:
+    shutil.rmtree(tmp)
+  return tokenizer
+
+
+def build_model(cfg: ml_collections.ConfigDict, mc: config_lib.FaceLLMConfig,
+                mesh: jax.sharding.Mesh) -> nnx.Module:
+  dtype = _DTYPES[cfg.train.compute_dtype]
+  lora = _lora_config(cfg)
+  path = cfg.model.get("hf_checkpoint", "")
+  if not path:
+    return sharding.create_model(mc, mesh, seed=cfg.train.seed, dtype=dtype, param_dtype=jnp.float32,
+                                 lora=lora)
+  abstract = hf.abstract_model(mc, jnp.float32, dtype)
+  model, _ = hf.load_pretrained(path, jnp.float32, compute_dtype=dtype,
+                                shardings=sharding.state_shardings(abstract, mesh))
+  if lora is not None:
+    lora_lib.apply_lora(model, lora, nnx.Rngs(cfg.train.seed))
+    sharding.shard_model(model, mesh)
+  return model
+
+
+def _global_batch(micro: list[dict[str, np.ndarray]], shardings: Mapping[str, Any],
+                  process_count: int) -> dict[str, jax.Array]:
+  """Stacks this process's micro-batches [A, b, ...] (images per row) into global arrays."""
+  out = {}
+  for key in micro[0]:
+    if key == "pixel_values":
+      local = np.stack([_images_per_row(m) for m in micro])
+    else:
+      local = np.stack([m[key] for m in micro])
+    shape = (local.shape[0], local.shape[1] * process_count, *local.shape[2:])
+    out[key] = jax.make_array_from_process_local_data(shardings[key], local, shape)
+  return out
+
+
+def _images_per_row(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """The pipeline's images-first [b*M, ...] back to per-row slots [b, M, ...]."""
+  counts = batch["num_images"]
+  flat = batch["pixel_values"]
+  rows = np.zeros((len(counts), flat.shape[0] // len(counts), *flat.shape[1:]), flat.dtype)
+  offset = 0
+  for r, c in enumerate(counts):
+    rows[r, :c] = flat[offset:offset + c]
+    offset += c
+  return rows
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (then saves and stops)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no preemption handling.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint; rerun with the same workdir."""
+
+
+def _check_dataset(cfg: ml_collections.ConfigDict):
+  if not cfg.data.dir:
+    raise ConfigError("data.dir is empty: set --config.data.dir to a dataset written by "
+                      "`python -m data_gen generate`")
+  if not os.path.isdir(cfg.data.dir):
+    raise FileNotFoundError(f"data.dir {cfg.data.dir} does not exist; expected the output directory "
+                            "of `python -m data_gen generate`")
+  return pipeline.open_tfds_source(cfg.data.dir, cfg.data.get("split", "train"))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          show_progress: bool = True) -> list[dict[str, float]]:
+  """Trains to `train.num_steps` (resuming from the workdir's latest checkpoint); returns the
+  metrics logged by this call."""
+  workdir = pathlib.Path(workdir)
+  t = cfg.train
+  if t.compute_dtype not in _DTYPES:
+    raise ConfigError(f"train.compute_dtype must be one of {sorted(_DTYPES)}, got {t.compute_dtype!r}")
+  wrt = lora_lib.trainable_filter(t.trainable)
+  source = _check_dataset(cfg)
+  mesh = sharding.make_mesh(dict(cfg.mesh.shape))
+  rows = _rows_per_process(cfg, mesh)
+  mc = model_config(cfg)
+  workdir.mkdir(parents=True, exist_ok=True)
+  meta = {"model": config_lib.to_config_dict(mc), "trainable": t.trainable,
+          "lora": None if t.trainable != "lora" else dict(cfg.lora.to_dict())}
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=cfg.checkpoint.every_steps,
+                               keep=cfg.checkpoint.keep, meta=meta)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    ckpt.check_meta(latest)  # before anything else is written.
+  tokenizer = _tokenizer(cfg, workdir, source, mc.text.vocab_size)
+  if tokenizer.vocab_size > mc.text.vocab_size or tokenizer.image_token_id != mc.image_token_id:
+    raise ConfigError(
+        f"tokenizer (vocab {tokenizer.vocab_size}, <IMG_CONTEXT> id {tokenizer.image_token_id}) does not "
+        f"fit the model (vocab {mc.text.vocab_size}, image_token_id {mc.image_token_id})")
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+  dataset = pipeline.make_dataset(
+      source, tokenizer, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
+      seq_len=cfg.data.cutoff_len, batch_size=rows, packing=cfg.data.packing, seed=t.seed)
+  iterator = iter(dataset)
+
+  model = build_model(cfg, mc, mesh)
+  oc = step_lib.OptimConfig(learning_rate=t.learning_rate, num_steps=t.num_steps,
+                            warmup_ratio=t.warmup_ratio, schedule=t.schedule,
+                            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+  optimizer = nnx.Optimizer(model, step_lib.make_tx(oc), wrt=wrt)
+  graphdef, state = nnx.split((model, optimizer))
+  state_sh = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, state_sh)
+  sharding.assert_sharded(state[0], mesh)
+  n_trainable = step_lib.count_trainable(nnx.state(model, wrt))
+  del model, optimizer
+
+  start = 0
+  if latest is not None:
+    model, optimizer = nnx.merge(graphdef, state)
+    # The live arrays already sit in their target shardings: restore straight into those.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            (nnx.to_pure_dict(nnx.state(model, wrt)), nnx.to_pure_dict(nnx.state(optimizer))))
+    params, opt_state = ckpt.restore(latest, abstract[0], abstract[1], iterator)
+    trainable = nnx.state(model, wrt)
+    nnx.replace_by_pure_dict(trainable, params)
+    nnx.update(model, trainable)
+    opt = nnx.state(optimizer)
+    nnx.replace_by_pure_dict(opt, opt_state)
+    nnx.update(optimizer, opt)
+    state = nnx.state((model, optimizer))
+    start = latest
+    logging.info("resumed from %s/%d", ckpt.directory, latest)
+
+  if start >= t.num_steps:
+    ckpt.close()
+    return []
+  rows_global = rows * jax.process_count()
+  dummy = {k: None for k in ("input_ids", "targets", "loss_mask", "positions", "segment_ids",
+                             "num_images", "pixel_values")}
+  batch_sh = step_lib.batch_shardings(mesh, dummy)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, wrt, step_lib.learning_rate_schedule(oc)),
+                                       state_sh, batch_sh, mesh)
+  peak = step_lib.peak_flops(jax.devices()[0])
+  flops = step_lib.train_flops_per_step(mc, rows=rows_global * t.grad_accum, seq_len=cfg.data.cutoff_len,
+                                        images=rows_global * t.grad_accum, full_backward=t.trainable != "lora")
+
+  def save(step: int, force: bool = False) -> None:
+    model, optimizer = nnx.merge(graphdef, state)
+    ckpt.save(step, nnx.to_pure_dict(nnx.state(model, wrt)), nnx.to_pure_dict(nnx.state(optimizer)),
+              iterator.get_state(), force=force)
+
+  logged: list[dict[str, float]] = []
+  metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
+  bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+             disable=not show_progress or jax.process_index() != 0)
+  logging.info("training %d trainable parameters (%s) on mesh %s, %d rows/step",
+               n_trainable, t.trainable, dict(mesh.shape), rows_global * t.grad_accum)
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, t.num_steps):
+        batch = _global_batch([next(iterator) for _ in range(t.grad_accum)], batch_sh, jax.process_count())
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        done = step + 1
+        if done % t.log_every == 0 or done == t.num_steps or done == start + 1:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          seconds = (time.perf_counter() - window_start) / window_steps
+          record = {"step": done, **metrics, "seconds_per_step": seconds,
+                    "tokens_per_s": metrics["tokens"] / seconds,
+                    "examples_per_s": rows_global * t.grad_accum / seconds}
+          if peak is not None:
+            record["mfu"] = flops / seconds / (peak * jax.device_count())
+          logged.append(record)
+          if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+          bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+          window_start, window_steps = time.perf_counter(), 0
+        bar.update(1)
+        if preemption.requested:
+          save(done, force=True)
+          ckpt.close()
+          raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint saved, rerun to resume")
+        save(done, force=done == t.num_steps)
+  finally:
+    bar.close()
+    if metrics_file is not None:
+      metrics_file.close()
+    ckpt.close()
+  return logged

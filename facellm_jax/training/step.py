@@ -1,0 +1,191 @@
+"""The SFT train step: a pure, jitted function of (train state, global batch).
+
+Loss: cross-entropy summed over the target (assistant) tokens of the whole optimizer step and
+divided by their number, so micro-batching, data parallelism and multi-host runs all give the
+same loss and gradient as one big batch. Gradients are taken only w.r.t. the trainable filter
+(`nnx.DiffState`), accumulated over `grad_accum` micro-batches with `lax.scan` (one compiled
+body whatever the accumulation), clipped by global norm and applied by AdamW with warmup +
+cosine. The model computes in its `dtype` (bfloat16 for real runs) while the parameters and the
+optimizer state stay float32 (`param_dtype`).
+
+The state is `nnx.split((model, optimizer))`; the step is jitted once with explicit in/out
+shardings and the state donated, so every step updates the parameters in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from facellm_jax.models.config import FaceLLMConfig
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+# Dense bf16 peak FLOP/s per chip, by substrings of `device_kind` (first match wins).
+PEAK_BF16_FLOPS = (
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("v5", 459e12),
+    ("v4", 275e12),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float
+  num_steps: int
+  warmup_ratio: float = 0.0
+  schedule: str = "cosine"
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+
+
+def learning_rate_schedule(c: OptimConfig) -> optax.Schedule:
+  """Linear warmup over `warmup_ratio` of the steps, then cosine to zero (or constant)."""
+  warmup = int(round(c.warmup_ratio * c.num_steps))
+  if c.schedule == "cosine":
+    after = optax.cosine_decay_schedule(c.learning_rate, max(c.num_steps - warmup, 1))
+  elif c.schedule == "constant":
+    after = optax.constant_schedule(c.learning_rate)
+  else:
+    raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {c.schedule!r}")
+  if warmup == 0:
+    return after
+  ramp = optax.linear_schedule(c.learning_rate / warmup, c.learning_rate, warmup - 1)
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def make_tx(c: OptimConfig) -> optax.GradientTransformation:
+  clip = [optax.clip_by_global_norm(c.max_grad_norm)] if c.max_grad_norm > 0 else []
+  return optax.chain(*clip, optax.adamw(learning_rate_schedule(c), weight_decay=c.weight_decay))
+
+
+def masked_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+  """(sum of -log p(target) over mask, number of masked tokens), in float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def images_in_reading_order(pixels_per_row: Array, num_images: Array) -> Array:
+  """[B, M, H, W, 3] per-row image slots -> [B*M, H, W, 3] with the real images first.
+
+  The model takes the batch's images in order of appearance; keeping them per row until here
+  lets the rows (and their images) be sharded and assembled across processes like any array.
+  """
+  b, m = pixels_per_row.shape[:2]
+  real = jnp.arange(m)[None, :] < num_images[:, None]
+  order = jnp.argsort(jnp.logical_not(real).reshape(-1), stable=True)
+  return pixels_per_row.reshape(b * m, *pixels_per_row.shape[2:])[order]
+
+
+def _micro_loss(model: nnx.Module, mb: Batch, num_targets: Array) -> tuple[Array, Array]:
+  pixels = images_in_reading_order(mb["pixel_values"], mb["num_images"])
+  logits = model(mb["input_ids"], pixels, positions=mb["positions"], segment_ids=mb["segment_ids"])
+  total, _ = masked_cross_entropy(logits, mb["targets"], mb["loss_mask"])
+  return total / num_targets, total
+
+
+def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter,
+                    schedule: optax.Schedule) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict]]:
+  """The pure step `(state, batch) -> (state, metrics)`.
+
+  `batch` holds `grad_accum` stacked micro-batches: every field has a leading [A] axis, and
+  `pixel_values` is per row [A, B, M, H, W, 3] (see `images_in_reading_order`).
+  """
+
+  def step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, Array]]:
+    model, optimizer = nnx.merge(graphdef, state)
+    num_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = nnx.grad(_micro_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
+    model_def, model_state = nnx.split(model)
+    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, wrt))
+
+    def body(carry, mb):
+      # The model state rides in the carry (unchanged) so that its Variables are rebuilt at the
+      # scan's trace level, where nnx.grad can take them.
+      params, grads, loss_sum = carry
+      g, total = grad_fn(nnx.merge(model_def, params), mb, num_targets)
+      return (params, jax.tree.map(jnp.add, grads, g), loss_sum + total), None
+
+    init = (model_state, zeros, jnp.zeros((), jnp.float32))
+    (_, grads, loss_sum), _ = jax.lax.scan(body, init, batch)
+    lr = schedule(optimizer.step[...])
+    optimizer.update(model, grads)
+    metrics = {
+        "loss": loss_sum / num_targets,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": lr,
+        "target_tokens": num_targets,
+        "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
+    }
+    return nnx.state((model, optimizer)), metrics
+
+  return step
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+  """Rows (axis 1, after the micro-batch axis) split over data x fsdp; the rest replicated."""
+  return {k: NamedSharding(mesh, P(None, ("data", "fsdp"))) for k in batch}
+
+
+def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: Any,
+                   mesh: jax.sharding.Mesh) -> Callable:
+  """Compiles once: explicit shardings in and out, the state's buffers donated."""
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """The chip's dense bf16 peak, or None when unknown (CPU): then no MFU is reported."""
+  kind = getattr(device, "device_kind", "").lower()
+  if device.platform == "cpu":
+    return None
+  for key, flops in PEAK_BF16_FLOPS:
+    if key in kind:
+      return flops
+  return None
+
+
+def train_flops_per_step(config: FaceLLMConfig, *, rows: int, seq_len: int, images: int,
+                         full_backward: bool = True) -> float:
+  """Model FLOPs of one optimizer step, counted the way MaxText does.
+
+  Matmuls: 2 FLOPs per weight per token forward, 4 backward (activation + weight gradients),
+  i.e. 6N per token; a frozen run (LoRA) skips the weight gradients: 4N (the adapters' own
+  FLOPs are negligible). Attention: QK^T and AV are 4*T*H*d per token and layer forward, halved
+  for causal masking, times 3 for training. Vision tokens (patches) count the same way through
+  the ViT, and every image slot (real or padding) is computed.
+  """
+  t, v = config.text, config.vision
+  mult = 6 if full_backward else 4
+  q = t.num_attention_heads * t.head_dim
+  kv = t.num_key_value_heads * t.head_dim
+  per_layer = t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
+  text_n = t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size
+  text_tokens = rows * seq_len
+  text_attn = 3 * 4 * seq_len * q * t.num_hidden_layers / 2
+  patches = v.num_patches + 1
+  vit_n = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+  vit_attn = 3 * 4 * patches * v.hidden_size * v.num_hidden_layers
+  proj_n = (v.hidden_size * int(1 / config.downsample_ratio) ** 2 + t.hidden_size) * t.hidden_size
+  vision = images * (patches * (mult * vit_n + vit_attn) + config.image_seq_length * mult * proj_n)
+  return text_tokens * (mult * text_n + text_attn) + vision
+
+
+def count_trainable(state: nnx.State) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
