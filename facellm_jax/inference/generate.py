@@ -1,0 +1,210 @@
+"""KV-cache generation for FaceLLM: batched left-padded prompts, greedy or nucleus sampling.
+
+A batch costs two device calls: one jit fills a fixed-length cache with the whole prompt
+(compiled once per prompt-length bucket), and one jit runs the entire decode loop as a
+`lax.while_loop` that stops when every row has hit an EOS id or `max_new_tokens` are out.
+The model enters the jits as `nnx.split` state with its graphdef static, so it is never
+retraced per token, and every `Generator` over the same model shares the compiled code.
+
+Positions count only valid tokens (as transformers derives them from `attention_mask`), so
+left padding does not shift RoPE and a prompt decodes the same alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from facellm_jax.inference.sampling import Sampling, sample
+from facellm_jax.models.facellm import FaceLLM
+
+Array = jax.Array
+
+# How often each jitted function below has been traced (= compiled); benchmarks and tests
+# read it to prove that repeated calls with the same shapes do not recompile.
+TRACES: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoding:
+  """Everything static about the decode loop (a jit static argument, hence frozen)."""
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  sampling: Sampling
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, ids, mask, pixel_values, *, cache_len):
+  """Writes the prompt into slots [0, P) of a fresh cache; returns the last-token logits."""
+  TRACES["prefill"] += 1
+  model = nnx.merge(graphdef, state)
+  b, p = ids.shape
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+  # Slots past the prompt are marked valid up front: the causal mask hides them until written.
+  key_valid = jnp.concatenate([mask, jnp.ones((b, cache_len - p), bool)], axis=1)
+  cache = model.language.init_cache(b, cache_len)
+  logits, cache = model.decode_step(ids, pixel_values, positions, key_valid, cache, jnp.int32(0))
+  return logits[:, 0], cache, key_valid
+
+
+def _pick(logits, key, step, done, d: _Decoding):
+  """Token `step` for every row: finished rows emit pad; a row finishes on any EOS id."""
+  token = sample(logits, jax.random.fold_in(key, step), d.sampling)
+  token = jnp.where(done, d.pad_id, token)
+  return token, done | jnp.isin(token, jnp.asarray(d.eos_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "d"))
+def _decode(graphdef, state, logits, cache, key_valid, start, lengths, key, *, d: _Decoding):
+  """The whole decode loop: [B, max_new_tokens] tokens, pad after each row's EOS."""
+  TRACES["decode"] += 1
+  model = nnx.merge(graphdef, state)
+  b, n = logits.shape[0], d.max_new_tokens
+  token, done = _pick(logits, key, 0, jnp.zeros((b,), bool), d)
+  out = jnp.full((b, n), d.pad_id, jnp.int32).at[:, 0].set(token)
+
+  def cond(carry):
+    step, _, _, done, _ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, token, cache, done, out = carry
+    # Token step-1 goes into slot start+step-1 at RoPE position lengths+step-1.
+    logits, cache = model.decode_step(token[:, None], None, (lengths + step - 1)[:, None], key_valid, cache,
+                                      start + step - 1)
+    token, done = _pick(logits[:, 0], key, step, done, d)
+    return step + 1, token, cache, done, out.at[:, step].set(token)
+
+  *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, done, out))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="sampling")
+def _first(logits, key, *, sampling: Sampling):
+  return sample(logits, jax.random.fold_in(key, 0), sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
+def _step(graphdef, state, token, cache, key_valid, index, position, key, step, *, sampling: Sampling):
+  """One streaming step: feed `token` into slot `index`, sample token number `step`."""
+  TRACES["step"] += 1
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.decode_step(token[:, None], None, position[:, None], key_valid, cache, index)
+  return sample(logits[:, 0], jax.random.fold_in(key, step), sampling), cache
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Generator:
+  """Generation with fixed settings, for repeated calls (evaluation, chat).
+
+  Calls whose shapes match an earlier call (batch size, prompt bucket, cache length, images
+  or not) with the same settings reuse the compiled code. The model's current weights are
+  read at every call, so training between calls is fine.
+
+  Output per row: the new tokens up to, and excluding, the first EOS id. Sampling draws row r
+  of step i with `fold_in(fold_in(PRNGKey(seed), i), r)`.
+  """
+
+  def __init__(self, model: FaceLLM, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int = 0,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, cache_len: int | None = None,
+               bucket: int = 64):
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not eos_ids:
+      raise ValueError("eos_ids is empty: generation needs at least one stop token (e.g. <|im_end|>)")
+    if cache_len is not None and cache_len < max_new_tokens:
+      raise ValueError(f"cache_len {cache_len} cannot hold even max_new_tokens={max_new_tokens}")
+    self.model, self.cache_len, self.bucket = model, cache_len, bucket
+    self.decoding = _Decoding(max_new_tokens, tuple(int(e) for e in eos_ids), pad_id,
+                              Sampling(temperature, top_p, top_k))
+
+  def _prepare(self, prompts: Sequence[Sequence[int]], pixel_values) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left-pads prompts into [B, P] ids + validity mask; P is bucketed to bound recompiles."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError(f"every prompt needs at least one token; got lengths {[len(p) for p in prompts]}")
+    longest, n = max(len(p) for p in prompts), self.decoding.max_new_tokens
+    # The last sampled token is never fed back, so the cache needs P + n - 1 slots.
+    if self.cache_len is None:
+      p = _round_up(longest, self.bucket)
+      cache_len = _round_up(p + n - 1, self.bucket)
+    else:
+      cache_len = self.cache_len
+      if longest + n - 1 > cache_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={n} does not fit cache_len={cache_len}")
+      p = min(_round_up(longest, self.bucket), cache_len - n + 1)
+    ids = np.full((len(prompts), p), self.decoding.pad_id, np.int32)
+    mask = np.zeros((len(prompts), p), bool)
+    for row, prompt in enumerate(prompts):
+      ids[row, p - len(prompt):] = prompt
+      mask[row, p - len(prompt):] = True
+    config = self.model.config
+    placeholders = int((ids == config.image_token_id).sum())
+    images = 0 if pixel_values is None else pixel_values.shape[0]
+    if placeholders != images * config.image_seq_length:
+      raise ValueError(f"prompts hold {placeholders} image placeholders (token {config.image_token_id}) but "
+                       f"{images} image(s) need {images * config.image_seq_length} "
+                       f"({config.image_seq_length} each)")
+    return ids, mask, cache_len
+
+  def _prefill(self, prompts, pixel_values):
+    graphdef, state = nnx.split(self.model)
+    if pixel_values is not None:
+      pixel_values = jnp.asarray(pixel_values, jnp.float32)
+    ids, mask, cache_len = self._prepare(prompts, pixel_values)
+    logits, cache, key_valid = _prefill(graphdef, state, ids, mask, pixel_values, cache_len=cache_len)
+    return graphdef, state, logits, cache, key_valid, ids.shape[1], mask.sum(axis=1).astype(np.int32)
+
+  def __call__(self, prompts: Sequence[Sequence[int]], pixel_values: Array | np.ndarray | None = None, *,
+               seed: int = 0) -> list[list[int]]:
+    """New tokens per prompt, EOS excluded. pixel_values [N, H, W, 3]: images in prompt order, row-major."""
+    graphdef, state, logits, cache, key_valid, start, lengths = self._prefill(prompts, pixel_values)
+    out = _decode(graphdef, state, logits, cache, key_valid, start, lengths, jax.random.key(seed), d=self.decoding)
+    eos = set(self.decoding.eos_ids)
+    result = []
+    for row in np.asarray(out).tolist():
+      stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+      result.append(row[:stop])
+    return result
+
+  def stream(self, prompt: Sequence[int], pixel_values: Array | np.ndarray | None = None, *,
+             seed: int = 0) -> Iterator[int]:
+    """Yields the new tokens of one prompt as they come (EOS excluded); same tokens as `self([prompt])`."""
+    d, key = self.decoding, jax.random.key(seed)
+    graphdef, state, logits, cache, key_valid, start, lengths = self._prefill([prompt], pixel_values)
+    token = _first(logits, key, sampling=d.sampling)
+    for step in range(1, d.max_new_tokens + 1):
+      value = int(token[0])
+      if value in d.eos_ids:
+        return
+      yield value
+      if step == d.max_new_tokens:
+        return
+      token, cache = _step(graphdef, state, token, cache, key_valid, start + step - 1, lengths + step - 1, key,
+                           step, sampling=d.sampling)
+
+
+def generate(model: FaceLLM, prompts: Sequence[Sequence[int]], pixel_values: Array | np.ndarray | None = None, *,
+             max_new_tokens: int, eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, cache_len: int | None = None) -> list[list[int]]:
+  """Batched generation: new tokens per prompt, EOS excluded (see `Generator`)."""
+  return Generator(model, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature,
+                   top_p=top_p, top_k=top_k, cache_len=cache_len)(prompts, pixel_values, seed=seed)
+
+
+def stream(model: FaceLLM, prompt: Sequence[int], pixel_values: Array | np.ndarray | None = None, *,
+           max_new_tokens: int, eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0, cache_len: int | None = None) -> Iterator[int]:
+  """One prompt, tokens yielded one by one (for the chat CLI); EOS excluded."""
+  return Generator(model, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature,
+                   top_p=top_p, top_k=top_k, cache_len=cache_len).stream(prompt, pixel_values, seed=seed)
