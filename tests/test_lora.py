@@ -133,33 +133,42 @@ def lm_loss(model, ids):
   return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def test_gradients_wrt_the_lora_filter_touch_only_adapters(base, inputs):
+@pytest.fixture(scope="module")
+def lora_step(base, inputs):
+  """One jitted AdamW step on a LoRA model, built as a LoRA training run builds it.
+
+  Returns (model, grads, parameters before, parameters after); one compile serves two tests.
+  """
   model = apply_lora(nnx.clone(base), LoRAConfig(rank=4), nnx.Rngs(1))
   randomize_lora(model)
-  grad_fn = nnx.jit(nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, trainable_filter("lora"))))
-  _, grads = grad_fn(model, inputs[0])
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=trainable_filter("lora"))
+
+  @nnx.jit
+  def step(model, optimizer, ids):
+    grad_fn = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, trainable_filter("lora")))
+    _, grads = grad_fn(model, ids)
+    optimizer.update(model, grads)
+    return grads
+
+  snapshot = lambda: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+  before = snapshot()
+  grads = step(model, optimizer, inputs[0])
+  return model, grads, before, snapshot()
+
+
+def test_gradients_wrt_the_lora_filter_touch_only_adapters(lora_step):
+  model, grads, _, _ = lora_step
   flat = nnx.to_flat_state(grads)
   assert all(isinstance(v, nnx.LoRAParam) for _, v in flat)
   assert {p for p, _ in flat} == {p for p, _ in nnx.to_flat_state(lora_state(model))}
   assert all(float(jnp.abs(v[...]).max()) > 0 for _, v in flat)
 
 
-def test_optimizer_step_changes_only_lora_params(base, inputs):
-  model = apply_lora(nnx.clone(base), LoRAConfig(rank=4), nnx.Rngs(1))
-  randomize_lora(model)
-  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=trainable_filter("lora"))
-
-  @nnx.jit
-  def step(model, optimizer, ids):
-    loss, grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, ids)
-    optimizer.update(model, grads)
-    return loss
-
-  before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
-  step(model, optimizer, inputs[0])
-  after = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+def test_optimizer_step_changes_only_lora_params(lora_step):
+  model, _, before, after = lora_step
   lora_paths = {p for p, _ in nnx.to_flat_state(lora_state(model))}
   assert len(lora_paths) == 2 * 7 * CONFIG.text.num_hidden_layers
+  assert before.keys() == after.keys()
   for path in before:
     changed = not np.array_equal(before[path], after[path])
     assert changed == (path in lora_paths), path
