@@ -3,12 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from facellm_jax import hf
 from facellm_jax.models.config import FaceLLMConfig, TextConfig, VisionConfig
+from facellm_jax.models.facellm import FaceLLM
 from facellm_jax.models.lora import LoRAConfig, merge_lora
 from facellm_jax.models.sharding import (ShardingError, assert_sharded, batch_sharding, create_model, make_mesh,
                                          partition_spec, shard_model, state_shardings)
@@ -105,6 +107,15 @@ def test_abstract_state_shardings_match_the_created_model(sharded, mesh):
   want = {".".join(map(str, p)): s for p, s in nnx.to_flat_state(state_shardings(nnx.state(abstract), mesh))}
   have = flat(sharded)
   assert want and all(have[k].sharding.is_equivalent_to(s, have[k].ndim) for k, s in want.items())
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters(mesh):
+  abstract = nnx.eval_shape(lambda: nnx.Optimizer(FaceLLM(CONFIG, rngs=nnx.Rngs(0)), optax.adam(1e-3), wrt=nnx.Param))
+  shardings = {".".join(map(str, p)): s for p, s in nnx.to_flat_state(state_shardings(nnx.state(abstract), mesh))}
+  for moment in ("mu", "nu"):
+    assert shardings[f"opt_state.0.{moment}.language.embed"].spec == P("tensor", "fsdp")
+    assert shardings[f"opt_state.0.{moment}.language.layers.0.mlp.down_proj.kernel"].spec == P("tensor", "fsdp")
+  assert shardings["step"].spec == P()
 
 
 @pytest.fixture(scope="module")

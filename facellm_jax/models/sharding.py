@@ -110,15 +110,15 @@ def _is_variable(x: Any) -> bool:
 def state_shardings(state: nnx.State | nnx.Module, mesh: Mesh) -> nnx.State:
   """A state-shaped tree of `NamedSharding`s from each Variable's `axes` metadata.
 
-  Works on concrete and `nnx.eval_shape` (abstract) states alike; Variables without `axes` are
-  replicated. The result is what `jax.jit(out_shardings=...)`, `jax.device_put` and
-  `hf.load_pretrained(shardings=...)` take.
+  Works on concrete and `nnx.eval_shape` (abstract) states alike, optimizer state included (its
+  moments inherit their parameter's `axes`); anything without `axes` is replicated. The result
+  is what `jax.jit(out_shardings=...)`, `jax.device_put` and `hf.load_pretrained(shardings=...)` take.
   """
   if isinstance(state, nnx.Module):
     state = nnx.state(state)
 
   def one(path, var):
-    axes = var.get_metadata().get("axes")
+    axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
     if axes is None:
       return NamedSharding(mesh, P())
     try:
@@ -171,13 +171,14 @@ def assert_sharded(model: nnx.Module | nnx.State, mesh: Mesh, min_size: int = DE
   state = nnx.state(model) if isinstance(model, nnx.Module) else model
   offenders = []
   for path, var in nnx.to_flat_state(state):
-    x = var.get_value()
+    is_var = isinstance(var, nnx.Variable)
+    x = var.get_value() if is_var else var
     if x.size < min_size:
       continue
     sharding = getattr(x, "sharding", None)
     if sharding is None or sharding.shard_shape(x.shape) == tuple(x.shape):
       spec = getattr(sharding, "spec", sharding)
-      offenders.append(f"  {'.'.join(map(str, path))} {tuple(x.shape)} axes={var.get_metadata().get('axes')} "
+      offenders.append(f"  {'.'.join(map(str, path))} {tuple(x.shape)} axes={var.get_metadata().get('axes') if is_var else None} "
                        f"sharding={spec}")
   if offenders:
     mesh_desc = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
