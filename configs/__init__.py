@@ -1,0 +1,1 @@
+"""ml_collections config files, loaded by path: `--config=configs/<name>.py[:arg]`."""
