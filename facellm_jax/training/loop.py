@@ -13,15 +13,15 @@ not have, so metrics go to metrics.jsonl only; `tools like pandas.read_json(line
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import pathlib
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -179,17 +179,25 @@ def _check_dataset(cfg: ml_collections.ConfigDict):
   return pipeline.open_tfds_source(cfg.data.dir, cfg.data.get("split", "train"))
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-          show_progress: bool = True) -> list[dict[str, float]]:
-  """Trains to `train.num_steps` (resuming from the workdir's latest checkpoint); returns the
-  metrics logged by this call."""
+@dataclasses.dataclass
+class TrainResult:
+  metrics: list[dict[str, float]]  # what this call logged
+  state: nnx.State  # (model, optimizer) state after the last step, sharded on the mesh
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_progress: bool = True,
+          devices: Sequence[jax.Device] | None = None) -> TrainResult:
+  """Trains to `train.num_steps`, resuming from the workdir's latest checkpoint.
+
+  `devices` (default: all) is what `mesh.shape` is laid over.
+  """
   workdir = pathlib.Path(workdir)
   t = cfg.train
   if t.compute_dtype not in _DTYPES:
     raise ConfigError(f"train.compute_dtype must be one of {sorted(_DTYPES)}, got {t.compute_dtype!r}")
   wrt = lora_lib.trainable_filter(t.trainable)
   source = _check_dataset(cfg)
-  mesh = sharding.make_mesh(dict(cfg.mesh.shape))
+  mesh = sharding.make_mesh(dict(cfg.mesh.shape), devices)
   rows = _rows_per_process(cfg, mesh)
   mc = model_config(cfg)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +252,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   if start >= t.num_steps:
     ckpt.close()
-    return []
+    return TrainResult([], state)
   rows_global = rows * jax.process_count()
   dummy = {k: None for k in ("input_ids", "targets", "loss_mask", "positions", "segment_ids",
                              "num_images", "pixel_values")}
@@ -299,4 +307,4 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if metrics_file is not None:
       metrics_file.close()
     ckpt.close()
-  return logged
+  return TrainResult(logged, state)

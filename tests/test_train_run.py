@@ -1,0 +1,174 @@
+"""End-to-end training runs of the tiny config on a small offline-generated dataset.
+
+Runs in this process share a persistent XLA compilation cache (scoped to this module), and the
+subprocess runs use it too, so each distinct program is compiled about once.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from facellm_jax.training import loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
+
+OVERRIDES = {"data.cutoff_len": 160, "train.log_every": 1, "train.warmup_ratio": 0.0}
+
+
+def _config(data_dir, **kw):
+  cfg = tiny.get_config().unlock()
+  cfg.data.dir = str(data_dir)
+  for key, value in {**OVERRIDES, **kw}.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg.lock()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("xla_cache")
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                           "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield path
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-m", "data_gen", "synth", "--out", str(root / "synth"), "--num", "40",
+                  "--seed", "0"], check=True, capture_output=True, env=env, cwd=ROOT)
+  subprocess.run([sys.executable, "-m", "data_gen", "generate", "--labels", str(root / "synth/labels.csv"),
+                  "--images", str(root / "synth"), "--out", str(root / "ds"), "--backend", "offline"],
+                 check=True, capture_output=True, env=env, cwd=ROOT)
+  return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(dataset, tmp_path_factory, cache_dir):
+  """One tokenizer for every run, so runs in different workdirs see the same token ids."""
+  w = tmp_path_factory.mktemp("tok")
+  loop.train(_config(dataset, **{"train.num_steps": 0}), w, show_progress=False,
+             devices=jax.devices()[:1])
+  return w / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def single_device_run(dataset, tokenizer_dir, tmp_path_factory):
+  cfg = _config(dataset, **{"train.num_steps": 12, "tokenizer.path": str(tokenizer_dir),
+                            "mesh.shape.data": 1})
+  return loop.train(cfg, tmp_path_factory.mktemp("one"), show_progress=False, devices=jax.devices()[:1])
+
+
+def _losses(metrics):
+  return np.array([m["loss"] for m in metrics])
+
+
+def _cli(workdir, dataset, tokenizer_dir, cache_dir, *extra, devices=1, env=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  cmd = [sys.executable, "-m", "facellm_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+         f"--config.data.dir={dataset}", f"--config.tokenizer.path={tokenizer_dir}", "--progress=false",
+         *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), *extra]
+  # A file, not a pipe: nobody reads a pipe while waiting, and a full one blocks the run.
+  log = open(f"{workdir}.{len(list(pathlib.Path(workdir).parent.glob('*.log')))}.log", "w")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  proc.log = log.name
+  return proc
+
+
+def _tail(proc):
+  return pathlib.Path(proc.log).read_text()[-3000:]
+
+
+def _read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_config_loss_falls_below_half(dataset, tokenizer_dir, tmp_path):
+  cfg = _config(dataset, **{"train.num_steps": 60, "tokenizer.path": str(tokenizer_dir),
+                            "train.log_every": 10, "checkpoint.every_steps": 1000})
+  result = loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:1])
+  losses = _losses(result.metrics)
+  print("loss start %.3f end %.3f" % (losses[0], losses[-1]))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_data_and_fsdp_sharding_match_one_device(dataset, tokenizer_dir, single_device_run, tmp_path):
+  cfg = _config(dataset, **{"train.num_steps": 12, "tokenizer.path": str(tokenizer_dir),
+                            "mesh.shape.data": 2, "mesh.shape.fsdp": 2})
+  sharded = loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:4])
+  np.testing.assert_allclose(_losses(sharded.metrics), _losses(single_device_run.metrics), rtol=1e-4)
+  embed = sharded.state[0]["language"]["embed"][...]
+  assert embed.sharding.shard_shape(embed.shape)[1] == embed.shape[1] // 2  # embed axis over fsdp=2
+
+
+def test_lora_run_saves_only_adapters_and_resumes(dataset, tokenizer_dir, tmp_path):
+  cfg = _config(dataset, **{"train.num_steps": 2, "tokenizer.path": str(tokenizer_dir),
+                            "checkpoint.every_steps": 1, "train.trainable": "lora"}).unlock()
+  first = loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:1])
+  params = ocp.StandardCheckpointer().metadata(tmp_path / "checkpoints/2/params").item_metadata
+  leaves = jax.tree_util.tree_flatten_with_path(dict(params))[0]
+  names = {str(path[-1].key) for path, _ in leaves}
+  assert names == {"lora_a", "lora_b"}
+  cfg.train.num_steps = 3
+  resumed = loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:1])
+  assert [m["step"] for m in first.metrics] == [1, 2]
+  assert [m["step"] for m in resumed.metrics] == [3]
+
+
+def test_killed_run_resumes_with_identical_losses(dataset, tokenizer_dir, cache_dir, tmp_path):
+  extra = ("--config.train.num_steps=9", "--config.checkpoint.every_steps=3")
+  full = _cli(tmp_path / "full", dataset, tokenizer_dir, cache_dir, *extra)
+  assert full.wait(timeout=300) == 0, _tail(full)
+  reference = {m["step"]: m["loss"] for m in _read_metrics(tmp_path / "full")}
+  params = ocp.StandardCheckpointer().metadata(tmp_path / "full/checkpoints/9/params").item_metadata
+  assert {"vision", "projector", "language"} <= set(dict(params))  # a full run saves every param.
+
+  killed = _cli(tmp_path / "killed", dataset, tokenizer_dir, cache_dir, *extra)
+  ckpt = tmp_path / "killed/checkpoints/3"
+  while not ckpt.exists() and killed.poll() is None:
+    time.sleep(0.02)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  before = len(_read_metrics(tmp_path / "killed"))
+  rerun = _cli(tmp_path / "killed", dataset, tokenizer_dir, cache_dir, *extra)
+  assert rerun.wait(timeout=300) == 0, _tail(rerun)
+  after = _read_metrics(tmp_path / "killed")[before:]
+  assert after and after[-1]["step"] == 9 and after[0]["step"] >= 4
+  assert {m["step"]: m["loss"] for m in after} == {m["step"]: reference[m["step"]] for m in after}
+
+
+def test_two_processes_match_single_process(dataset, tokenizer_dir, cache_dir, single_device_run, tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [
+      _cli(tmp_path / "run", dataset, tokenizer_dir, cache_dir, "--config.train.num_steps=12",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+      for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=400) == 0, _tail(p)
+  losses = np.array([m["loss"] for m in _read_metrics(tmp_path / "run")])
+  np.testing.assert_allclose(losses, _losses(single_device_run.metrics), rtol=1e-4)
