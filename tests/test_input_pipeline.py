@@ -144,6 +144,10 @@ def test_packing_keeps_examples_whole_and_images_in_reading_order(tok, records):
       assert (b["input_ids"][r, sl] == tok.image_token_id).sum() == N
       order.append(i)
     assert (b["segment_ids"].max(axis=1) > 1).any()  # several examples share a row
+    used = (b["segment_ids"] > 0).sum(axis=1)
+    assert all((row[:n] > 0).all() for row, n in zip(b["segment_ids"], used))  # padding at the end
+    pad = b["segment_ids"] == 0
+    assert (b["input_ids"][pad] == tok.pad_id).all() and not b["loss_mask"][pad].any()
     assert b["num_images"].tolist() == [int(m) for m in b["segment_ids"].max(axis=1)]
     assert ((b["input_ids"] == tok.image_token_id).sum() == N * b["num_images"].sum())
     assert b["pixel_values"].shape == (3 * 4, S, S, 3)
