@@ -158,6 +158,14 @@ def test_packing_keeps_examples_whole_and_images_in_reading_order(tok, records):
     assert not b["pixel_values"][real:].any()
 
 
+def test_default_image_slots_let_tokens_decide_the_packing(tok, records):
+  packed = next(iter(_dataset(records, tok, packing=True, seq_len=128)))
+  slots = 128 // (N + 12)  # the most examples a row could ever hold
+  assert packed["pixel_values"].shape == (3 * slots, S, S, 3)
+  assert packed["num_images"].max() > 1 and packed["num_images"].max() < slots
+  assert next(iter(_dataset(records, tok)))["pixel_values"].shape == (3, S, S, 3)
+
+
 def test_dynamic_tiling_puts_every_tile_in_the_batch(tok):
   wide = [{"image": np.full((10, 40, 3), 9, np.uint8), "question": "Q?", "answer": _answer(1)}]
   b = next(iter(_dataset(wide, tok, max_tiles=4, max_images_per_row=5, batch_size=1, seq_len=200)))

@@ -6,9 +6,9 @@
          -> batch (images into their slots, real ones first) -> [mp_prefetch] -> normalize
 
 `record_to_example` is a pure function of one record; after it, arrays are only arranged, and
-the pixels normalized at the very end. The conversion runs on the `MapDataset`
-side, so Grain's read threads already overlap it inside each process (PIL resizing releases the
-GIL); `worker_count` adds processes.
+the pixels normalized at the very end. The conversion runs on the `MapDataset` side, so Grain's
+read threads already overlap it inside each process (PIL resizing releases the GIL);
+`worker_count` adds processes.
 
 Batch (every step the same shapes; B = batch_size, T = seq_len, M = max_images_per_row):
   input_ids int32 [B, T], targets int32 [B, T] (the next token), loss_mask float32 [B, T] (1 where
@@ -37,6 +37,9 @@ from facellm_jax.input import tokenizer as tok_lib
 
 # An endless stream in which nothing fits would otherwise spin forever.
 _MAX_CONSECUTIVE_DROPS = 1000
+# Fewest non-image tokens of a training example: <|im_start|>user\n<img></img>\n<|im_end|>\n
+# <|im_start|>assistant\n, one answer token and <|im_end|>, less one for the target shift.
+_MIN_TEXT_TOKENS = 12
 
 
 def open_tfds_source(data_dir: str | os.PathLike, split: str = "train") -> Sequence[dict[str, Any]]:
@@ -260,7 +263,7 @@ def _normalize_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_size: int,
                  num_image_tokens: int, seq_len: int, batch_size: int,
-                 max_images_per_row: int = 1, max_tiles: int = 1, packing: bool = False,
+                 max_images_per_row: int | None = None, max_tiles: int = 1, packing: bool = False,
                  seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  system_prompt: str | None = None, worker_count: int = 0,
@@ -275,7 +278,10 @@ def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_s
     num_image_tokens: placeholders per image tile (the config's `image_seq_length`).
     seq_len: tokens per row T; longer conversations are truncated (see `fit_example`).
     batch_size: rows per batch of this process.
-    max_images_per_row: image slots per row M; when packing, also a packing limit.
+    max_images_per_row: image slots per row M; when packing, also a packing limit. Default: one
+      example's images, or with packing as many as the shortest possible examples could need, so
+      only tokens limit the packing. The vision tower runs on all B * M slots: set it near the
+      typical number of images per row to skip empty ones.
     max_tiles: InternVL dynamic tiling up to this many tiles (+1 thumbnail); 1 = one resized image.
     packing: pack several examples per row (never splitting one) instead of one padded example.
     seed: shuffling seed (each epoch uses its own permutation).
@@ -294,14 +300,17 @@ def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_s
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  images_per_example = 1 if max_tiles == 1 else max_tiles + 1
-  if max_images_per_row < images_per_example:
-    raise ValueError(f"max_images_per_row={max_images_per_row} cannot hold one example's "
-                     f"{images_per_example} images (max_tiles={max_tiles}, thumbnail included)")
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                       ("image_size", image_size), ("num_image_tokens", num_image_tokens)):
     if value <= 0:
       raise ValueError(f"{name} must be positive, got {value}")
+  images_per_example = 1 if max_tiles == 1 else max_tiles + 1
+  if max_images_per_row is None:
+    per_row = seq_len // (images_per_example * num_image_tokens + _MIN_TEXT_TOKENS) if packing else 1
+    max_images_per_row = images_per_example * max(per_row, 1)
+  if max_images_per_row < images_per_example:
+    raise ValueError(f"max_images_per_row={max_images_per_row} cannot hold one example's "
+                     f"{images_per_example} images (max_tiles={max_tiles}, thumbnail included)")
 
   ds = record_stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                      process_index=process_index, process_count=process_count)
