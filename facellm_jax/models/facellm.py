@@ -8,7 +8,7 @@ from flax import nnx
 
 from facellm_jax.models.config import FaceLLMConfig
 from facellm_jax.models.language import LanguageModel, LayerCache, causal_mask
-from facellm_jax.models.layers import LayerNorm, Linear, activation
+from facellm_jax.models.layers import LayerNorm, Linear, Rngs, activation, init_keys
 from facellm_jax.models.vision import VisionModel
 
 Array = jax.Array
@@ -26,7 +26,7 @@ def pixel_shuffle(x: Array, ratio: float) -> Array:
 class Projector(nnx.Module):
   """LayerNorm -> Linear -> GELU -> Linear from shuffled ViT features to the LLM width."""
 
-  def __init__(self, cfg: FaceLLMConfig, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: FaceLLMConfig, rngs: Rngs, dtype, param_dtype):
     d_in = cfg.vision.hidden_size * int(1 / cfg.downsample_ratio) ** 2
     d_out = cfg.text.hidden_size
     self.norm = LayerNorm(d_in, eps=1e-5, rngs=rngs, param_dtype=param_dtype)  # torch's default eps
@@ -51,8 +51,9 @@ def merge_image_tokens(input_ids: Array, text_embeds: Array, image_embeds: Array
 class FaceLLM(nnx.Module):
   """`logits = model(input_ids, pixel_values)`; see DESIGN.md (Model) for the contract."""
 
-  def __init__(self, config: FaceLLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, config: FaceLLMConfig, *, rngs: Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.config = config
+    rngs = init_keys(rngs)
     self.vision = VisionModel(config.vision, rngs, dtype, param_dtype)
     self.projector = Projector(config, rngs, dtype, param_dtype)
     self.language = LanguageModel(config.text, rngs, dtype, param_dtype)

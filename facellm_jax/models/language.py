@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facellm_jax.models.config import TextConfig
-from facellm_jax.models.layers import Linear, RMSNorm, activation, attention, param
+from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, init_keys, param
 
 Array = jax.Array
 
@@ -32,7 +32,7 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: TextConfig, rngs: Rngs, dtype, param_dtype):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = Linear(d, n * h, use_bias=cfg.qkv_bias, axes=("embed", "q_heads"), **kw)
@@ -64,7 +64,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: TextConfig, rngs: Rngs, dtype, param_dtype):
     d, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
@@ -78,7 +78,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: TextConfig, rngs: Rngs, dtype, param_dtype):
     self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.attn = Attention(cfg, rngs, dtype, param_dtype)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
@@ -94,8 +94,9 @@ class DecoderLayer(nnx.Module):
 class LanguageModel(nnx.Module):
   """Token embedding, decoder stack, final norm and LM head (tied or untied)."""
 
-  def __init__(self, cfg: TextConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, cfg: TextConfig, rngs: Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.cfg, self.dtype = cfg, dtype
+    rngs = init_keys(rngs)
     self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
     self.layers = nnx.List([DecoderLayer(cfg, rngs, dtype, param_dtype) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)

@@ -15,9 +15,37 @@ from flax import nnx
 Array = jax.Array
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+class InitKeys:
+  """Parameter-init keys `fold_in(base, 0), fold_in(base, 1), ...` with the counter in Python.
+
+  Drawing `rngs.params()` per parameter bumps nnx's counter Variable, and under tracing
+  (`nnx.eval_shape`, the jitted sharded init) each bump makes JAX walk the whole trace to word an
+  error message it never raises: building the abstract 38B model took 10-30 s, quadratic in the
+  parameter count. Here the Rngs gives one base key per model; fold_in keys are independent
+  draws, so the init statistics are unchanged, and eager and traced builds get the same weights.
+  """
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.base = rngs.params()
+    self.count = 0
+
+  def __call__(self) -> Array:
+    key = jax.random.fold_in(self.base, self.count)
+    self.count += 1
+    return key
+
+
+Rngs = nnx.Rngs | InitKeys
+
+
+def init_keys(rngs: Rngs) -> InitKeys:
+  """The model-wide key stream: module constructors accept either and pass this one down."""
+  return rngs if isinstance(rngs, InitKeys) else InitKeys(rngs)
+
+
+def param(rngs: Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
           init: str = "normal", scale: float = 0.02) -> nnx.Param:
-  """A parameter with logical axis names; `rngs=None` only under `nnx.eval_shape`-style init."""
+  """A parameter with logical axis names, drawn from `init_keys(rngs)` when random."""
   if init == "zeros":
     value = jnp.zeros(shape, dtype)
   elif init == "ones":
@@ -25,7 +53,7 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
   elif init == "const":
     value = jnp.full(shape, scale, dtype)
   else:
-    value = scale * jax.random.normal(rngs.params(), shape, dtype)
+    value = scale * jax.random.normal(init_keys(rngs)(), shape, dtype)
   return nnx.Param(value, axes=axes)
 
 
@@ -33,7 +61,7 @@ class Linear(nnx.Module):
   """y = x @ kernel + bias, kernel [in, out]; `lora` is filled by `models.lora.apply_lora`."""
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
-               axes: tuple[str | None, str | None], rngs: nnx.Rngs, dtype=jnp.float32,
+               axes: tuple[str | None, str | None], rngs: Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
     self.in_features, self.out_features = in_features, out_features
     self.kernel = param(rngs, (in_features, out_features), axes, param_dtype,
@@ -55,7 +83,7 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
   """Qwen / InternViT-6B RMSNorm: normalize in float32, scale after casting back."""
 
-  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axes=("norm",), param_dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float, rngs: Rngs, axes=("norm",), param_dtype=jnp.float32):
     self.scale = param(rngs, (dim,), axes, param_dtype, "ones")
     self.eps = eps
 
@@ -68,7 +96,7 @@ class RMSNorm(nnx.Module):
 
 class LayerNorm(nnx.Module):
 
-  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axes=("norm",), param_dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float, rngs: Rngs, axes=("norm",), param_dtype=jnp.float32):
     self.scale = param(rngs, (dim,), axes, param_dtype, "ones")
     self.bias = param(rngs, (dim,), axes, param_dtype, "zeros")
     self.eps = eps
@@ -82,7 +110,7 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(dtype)
 
 
-def make_norm(kind: str, dim: int, eps: float, rngs: nnx.Rngs, param_dtype) -> nnx.Module:
+def make_norm(kind: str, dim: int, eps: float, rngs: Rngs, param_dtype) -> nnx.Module:
   cls = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}[kind]
   return cls(dim, eps=eps, rngs=rngs, param_dtype=param_dtype)
 

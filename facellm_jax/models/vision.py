@@ -8,14 +8,14 @@ import numpy as np
 from flax import nnx
 
 from facellm_jax.models.config import VisionConfig
-from facellm_jax.models.layers import Linear, RMSNorm, activation, attention, make_norm, param
+from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, init_keys, make_norm, param
 
 Array = jax.Array
 
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: VisionConfig, rngs: Rngs, dtype, param_dtype):
     d = cfg.hidden_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = Linear(d, d, use_bias=cfg.attention_bias, axes=("vit_embed", "vit_heads"), **kw)
@@ -40,7 +40,7 @@ class VisionAttention(nnx.Module):
 class VisionLayer(nnx.Module):
   """Pre-norm block with per-channel layer scale (lambda_1/lambda_2) on both residual branches."""
 
-  def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: VisionConfig, rngs: Rngs, dtype, param_dtype):
     d = cfg.hidden_size
     self.norm1 = make_norm(cfg.norm_type, d, cfg.layer_norm_eps, rngs, param_dtype)
     self.attn = VisionAttention(cfg, rngs, dtype, param_dtype)
@@ -98,8 +98,9 @@ def _bicubic_matrix(n_in: int, n_out: int) -> Array:
 class VisionModel(nnx.Module):
   """Patch embedding + CLS + learned positions + encoder; returns every layer's hidden states."""
 
-  def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, cfg: VisionConfig, rngs: Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.cfg, self.dtype = cfg, dtype
+    rngs = init_keys(rngs)
     d, p = cfg.hidden_size, cfg.patch_size
     self.patch_kernel = param(rngs, (p, p, cfg.num_channels, d), (None, None, None, "vit_embed"), param_dtype)
     self.patch_bias = param(rngs, (d,), ("vit_embed",), param_dtype, "zeros")
