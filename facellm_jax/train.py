@@ -68,11 +68,31 @@ def _run(argv: list[str]) -> int:
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, plus a one-line error for a `--config.KEY` that the config does not have
+  (ml_collections raises a bare AttributeError/KeyError there, i.e. a traceback)."""
   try:
-    app.run(lambda a: sys.exit(_run(a)), argv=argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    print(f"error: a config override names a key the config does not have ({e}); overrides given: "
+          f"{', '.join(overrides)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  saved, sys.argv = sys.argv, argv  # config_flags reads the `--config.*` overrides from sys.argv.
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # override flags of an earlier in-process call (the demo, tests).
+  try:
+    app.run(lambda a: sys.exit(_run(a)), argv=argv, flags_parser=_parse_flags)
   except SystemExit as e:
     return e.code if isinstance(e.code, int) else 1
+  finally:
+    sys.argv = saved
   return 0
 
 

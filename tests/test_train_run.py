@@ -18,13 +18,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from facellm_jax import train as train_cli
 from facellm_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
 
-OVERRIDES = {"data.cutoff_len": 160, "train.log_every": 1, "train.warmup_ratio": 0.0}
+# Two decoder layers (instead of tiny's four) halve the compile time every run pays.
+OVERRIDES = {"data.cutoff_len": 128, "train.log_every": 1, "train.warmup_ratio": 0.0,
+             "model.text.num_hidden_layers": 2}
 
 
 def _config(data_dir, **kw):
@@ -76,7 +79,10 @@ def tokenizer_dir(dataset, tmp_path_factory, cache_dir):
 def single_device_run(dataset, tokenizer_dir, tmp_path_factory):
   cfg = _config(dataset, **{"train.num_steps": 12, "tokenizer.path": str(tokenizer_dir),
                             "mesh.shape.data": 1})
-  return loop.train(cfg, tmp_path_factory.mktemp("one"), show_progress=False, devices=jax.devices()[:1])
+  workdir = tmp_path_factory.mktemp("one")
+  result = loop.train(cfg, workdir, show_progress=False, devices=jax.devices()[:1])
+  result.workdir = workdir
+  return result
 
 
 def _losses(metrics):
@@ -172,3 +178,34 @@ def test_two_processes_match_single_process(dataset, tokenizer_dir, cache_dir, s
     assert p.wait(timeout=400) == 0, _tail(p)
   losses = np.array([m["loss"] for m in _read_metrics(tmp_path / "run")])
   np.testing.assert_allclose(losses, _losses(single_device_run.metrics), rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.data.dir=/nonexistent/ds"], "data.dir /nonexistent/ds does not exist"),
+    (["--config.mesh.shape.data=3"], "needs 3 devices but 8 are available"),
+    (["--config.train.batch_size=6"], "train.batch_size=6 must split"),
+])
+def test_bad_input_is_a_one_line_error(dataset, tokenizer_dir, tmp_path, capsys, args, expected):
+  code = train_cli.main(["train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                         f"--config.data.dir={dataset}", f"--config.tokenizer.path={tokenizer_dir}", *args])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith("error: ") and expected in err and "\n" not in err
+  assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_unknown_config_key_is_a_flag_error(tmp_path, capsys):
+  code = train_cli.main(["train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                         "--config.train.no_such_key=1"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith("error: ") and "no_such_key" in err and "\n" not in err
+
+
+def test_checkpoint_of_another_model_is_refused(dataset, tokenizer_dir, single_device_run, capsys):
+  workdir = single_device_run.workdir
+  args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  code = train_cli.main(["train", "--config=configs/tiny.py", f"--workdir={workdir}", *args,
+                         f"--config.data.dir={dataset}", f"--config.tokenizer.path={tokenizer_dir}",
+                         "--config.model.text.hidden_size=64", "--config.train.num_steps=20"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "different run setup" in err and "model" in err
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12"]

@@ -49,6 +49,7 @@ class Checkpointer:
     if every_steps < 1 or keep < 1:
       raise ValueError(f"checkpoint.every_steps and checkpoint.keep must be >= 1, got {every_steps}, {keep}")
     self.directory = os.path.abspath(os.fspath(directory))
+    self.every_steps = every_steps
     self.meta = json.loads(json.dumps(dict(meta)))  # plain JSON types, comparable to a reload.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps, create=True,
@@ -61,7 +62,7 @@ class Checkpointer:
 
   def save(self, step: int, params: Any, opt_state: Any, data_state: Any, *, force: bool = False) -> bool:
     """Starts an async save when `step` is due (or `force`); True if one started."""
-    if not force and not self.manager.should_save(step):
+    if not force and step % self.every_steps:
       return False
     if step in self.manager.all_steps():
       return False
