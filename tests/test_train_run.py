@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -209,3 +210,23 @@ def test_checkpoint_of_another_model_is_refused(dataset, tokenizer_dir, single_d
   err = capsys.readouterr().err.strip()
   assert code == 2 and "different run setup" in err and "model" in err
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12"]
+
+
+def test_sigterm_saves_then_resumes_identically(dataset, tokenizer_dir, single_device_run, tmp_path):
+  cfg = _config(dataset, **{"train.num_steps": 12, "tokenizer.path": str(tokenizer_dir),
+                            "mesh.shape.data": 1})
+
+  def preempt_after_two_steps():
+    metrics = tmp_path / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=preempt_after_two_steps, daemon=True).start()
+  with pytest.raises(loop.Preempted):
+    loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:1])
+  saved = int(max((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name)).name)
+  assert 2 <= saved < 12
+  resumed = loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:1])
+  assert resumed.metrics[0]["step"] == saved + 1
+  assert _losses(resumed.metrics).tolist() == _losses(single_device_run.metrics)[saved:].tolist()

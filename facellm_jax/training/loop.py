@@ -8,7 +8,9 @@ start never leaves state that breaks the next run. Outputs in the workdir:
   tokenizer/       the tokenizer trained on the dataset's text, for configs without one
   checkpoints/     Orbax (see `training/checkpoint.py`)
 TensorBoard summaries need the `tensorboard` package (or TensorFlow), which this environment does
-not have, so metrics go to metrics.jsonl only; `tools like pandas.read_json(lines=True)` read it.
+not have, so metrics go to metrics.jsonl only (`pandas.read_json(path, lines=True)` reads it).
+Throughput is the last step's tokens (non-padding, images' placeholders included) and rows over
+the mean step time since the previous log line; MFU uses `step.train_flops_per_step`.
 """
 
 from __future__ import annotations
