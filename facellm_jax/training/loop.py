@@ -9,7 +9,7 @@ start never leaves state that breaks the next run. Outputs in the workdir:
   checkpoints/     Orbax (see `training/checkpoint.py`)
 TensorBoard summaries need the `tensorboard` package (or TensorFlow), which this environment does
 not have, so metrics go to metrics.jsonl only (`pandas.read_json(path, lines=True)` reads it).
-Throughput is the last step's tokens (non-padding, images' placeholders included) and rows over
+Throughput is the last step's tokens (non-padding, images' placeholders included) and examples over
 the mean step time since the previous log line; MFU uses `step.train_flops_per_step`.
 """
 
@@ -289,7 +289,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
           seconds = (time.perf_counter() - window_start) / window_steps
           record = {"step": done, **metrics, "seconds_per_step": seconds,
                     "tokens_per_s": metrics["tokens"] / seconds,
-                    "examples_per_s": rows_global * t.grad_accum / seconds}
+                    "examples_per_s": metrics["examples"] / seconds}
           if peak is not None:
             record["mfu"] = flops / seconds / (peak * jax.device_count())
           logged.append(record)

@@ -132,6 +132,8 @@ def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter,
         "learning_rate": lr,
         "target_tokens": num_targets,
         "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
+        # Segments are numbered 1..k within a row, so a row's max is its number of examples.
+        "examples": jnp.sum(jnp.max(batch["segment_ids"], axis=-1).astype(jnp.float32)),
     }
     return nnx.state((model, optimizer)), metrics
 
