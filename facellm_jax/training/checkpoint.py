@@ -21,7 +21,6 @@ from typing import Any
 
 import grain
 import grain.checkpoint  # noqa: F401  (registers Grain's Orbax handler and its args)
-import jax
 import orbax.checkpoint as ocp
 
 
