@@ -1,0 +1,164 @@
+"""A model ready for inference from a training workdir or a HF InternVL directory.
+
+A training workdir holds only what trained (see `training/checkpoint.py`): the adapters of a
+LoRA run, everything for a full run, all but the vision tower otherwise. The rest is rebuilt the
+way training built it (`training.loop.build_model`: the HF checkpoint in `model.hf_checkpoint`,
+or the seeded init), then the trained params are restored over it from the latest complete
+Orbax step. Steps still being written have no commit marker and are never picked.
+
+Inference runs on one device; the params end up in `dtype` (LoRA adapters stay float32, as
+in training, when they are kept unmerged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from facellm_jax import hf
+from facellm_jax.input import tokenizer as tok_lib
+from facellm_jax.models import config as config_lib
+from facellm_jax.models import lora as lora_lib
+from facellm_jax.models import sharding
+from facellm_jax.models.facellm import FaceLLM
+from facellm_jax.training import checkpoint as ckpt_lib
+from facellm_jax.training import loop
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NoCheckpointError(FileNotFoundError):
+  """The workdir has no complete checkpoint to load."""
+
+
+def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The resolved training config a run wrote to `workdir/config.json`."""
+  path = Path(workdir) / "config.json"
+  if not Path(workdir).is_dir():
+    raise FileNotFoundError(f"workdir {workdir} does not exist; expected the --workdir of a training run")
+  if not path.is_file():
+    raise NoCheckpointError(f"{path} is missing: {workdir} is not a training workdir (train with "
+                            "`python -m facellm_jax.train --workdir=...` first)")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def _manager(workdir: Path) -> ocp.CheckpointManager:
+  """A read-only view of the workdir's checkpoints; raises when none is complete."""
+  directory = workdir.resolve() / "checkpoints"
+  if directory.is_dir():
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+    manager = ocp.CheckpointManager(directory, item_names=("params", "meta"), options=options)
+    if manager.latest_step() is not None:
+      return manager
+  raise NoCheckpointError(f"no complete checkpoint in {directory}: train first, or wait until the run has "
+                          "saved one (checkpoint.every_steps)")
+
+
+def latest_step(workdir: str | os.PathLike) -> int:
+  """The newest committed checkpoint step of a training workdir."""
+  return _manager(Path(workdir)).latest_step()
+
+
+def _workdir_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> tok_lib.Tokenizer:
+  """Where training took its tokenizer from (`loop._tokenizer`), without training one."""
+  path = cfg.get("tokenizer", {}).get("path", "") or cfg.model.get("hf_checkpoint", "")
+  return tok_lib.load_tokenizer(path or workdir / "tokenizer")
+
+
+def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None, *,
+                    step: int | None = None) -> tuple[FaceLLM, config_lib.FaceLLMConfig, lora_lib.LoRAConfig | None]:
+  """The trained model of a workdir as training held it (float32 params, LoRA unmerged).
+
+  Returns the model, its architecture and the LoRA config (None when the run was not LoRA).
+  `cfg` defaults to the workdir's config.json; `step` to the latest complete one.
+  """
+  workdir = Path(workdir).resolve()
+  cfg = read_workdir_config(workdir) if cfg is None else cfg
+  manager = _manager(workdir)
+  step = manager.latest_step() if step is None else step
+  if step not in manager.all_steps():
+    raise NoCheckpointError(f"no complete checkpoint for step {step} in {manager.directory}; "
+                            f"complete steps: {sorted(manager.all_steps())}")
+  mc = loop.model_config(cfg)
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  trainable = cfg.train.trainable
+  expected = {"model": json.loads(json.dumps(config_lib.to_config_dict(mc))), "trainable": trainable}
+  found = {k: meta.get(k) for k in expected}
+  if found != expected:
+    raise ckpt_lib.CheckpointMismatchError(
+        f"checkpoint {workdir / 'checkpoints' / str(step)} was trained as {found['trainable']!r} with model "
+        f"{found['model']}, but the config says {trainable!r} with {expected['model']}; pass the config "
+        "the run was trained with")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = loop.build_model(cfg, mc, mesh)
+  wrt = lora_lib.trainable_filter(trainable)
+  trained = nnx.state(model, wrt)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          nnx.to_pure_dict(trained))
+  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+  nnx.replace_by_pure_dict(trained, params)
+  nnx.update(model, trained)
+  return model, mc, loop._lora_config(cfg)  # pylint: disable=protected-access
+
+
+def cast(model: FaceLLM, config: config_lib.FaceLLMConfig, dtype, lora: lora_lib.LoRAConfig | None = None) -> FaceLLM:
+  """The same weights as a model whose params and compute are `dtype` (adapters stay float32).
+
+  `lora` must describe the adapters `model` carries (None once merged): the target graph is
+  rebuilt abstractly with them and the weights are copied over, cast.
+  """
+
+  def build() -> FaceLLM:
+    rngs = nnx.Rngs(0)
+    target = FaceLLM(config, rngs=rngs, dtype=dtype, param_dtype=dtype)
+    return target if lora is None else lora_lib.apply_lora(target, lora, rngs)
+
+  graphdef, target = nnx.split(nnx.eval_shape(build))
+  source = nnx.to_pure_dict(nnx.state(model))
+  values = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(target), source)
+  nnx.replace_by_pure_dict(target, values)
+  return nnx.merge(graphdef, target)
+
+
+def load_for_inference(workdir: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None, *,
+                       config: ml_collections.ConfigDict | None = None, dtype=jnp.float32, merge_lora: bool = True,
+                       step: int | None = None) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
+  """(model, model config, tokenizer) from exactly one of a training workdir or a HF directory.
+
+  Args:
+    workdir: a training workdir; its latest complete checkpoint (or `step`) is loaded.
+    hf_dir: a HF `InternVL*-hf` directory (config.json, safetensors, tokenizer.json).
+    config: the training config, instead of the workdir's config.json.
+    dtype: params and compute dtype (jnp.float32 or jnp.bfloat16, or their names).
+    merge_lora: fold a LoRA run's adapters into the base weights (faster, same outputs).
+    step: a checkpoint step other than the latest.
+  """
+  if (workdir is None) == (hf_dir is None):
+    raise ValueError("pass exactly one of a training workdir or a HF checkpoint directory")
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dtype = DTYPES[dtype]
+  if hf_dir is not None:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+      raise FileNotFoundError(f"HF checkpoint directory {hf_dir} does not exist")
+    model, mc = hf.load_pretrained(hf_dir, dtype, compute_dtype=dtype)
+    return model, mc, tok_lib.load_tokenizer(hf_dir)
+  workdir = Path(workdir)
+  cfg = read_workdir_config(workdir) if config is None else config
+  model, mc, lora = restore_workdir(workdir, cfg, step=step)
+  if lora is not None and merge_lora:
+    lora_lib.merge_lora(model)
+    lora = None
+  return cast(model, mc, dtype, lora), mc, _workdir_tokenizer(cfg, workdir)
