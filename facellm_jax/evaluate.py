@@ -1,12 +1,144 @@
-"""Entry point `python -m facellm_jax.evaluate` (not built yet)."""
+"""Entry point: `python -m facellm_jax.evaluate --workdir=W --facexbench=DIR --out=report.json`.
 
+Scores a trained model (or, with `--hf DIR`, a HF InternVL checkpoint) on a FaceXBench-format
+folder with the benchmark's own prompt and answer extraction (`evaluation/facexbench.py`).
+Writes `--out` (total_questions, overall, per_category, per_task, single_vs_multiple,
+unanswered, plus what was evaluated) and `predictions.jsonl` beside it, one line per question
+as answered. A rerun with the same `--out` skips answered questions; the folder remembers which
+model, step, benchmark and settings its predictions came from and refuses to mix in another's.
+Use one `--out` folder per model.
+
+`--fairness_labels CSV` (FairFace columns `file,age,gender,race`, `file` relative to the CSV)
+adds `fairness.json` and `fairness.png` beside the report: accuracy of the age / gender / race
+questions per group for the questions whose single image is a labelled face.
+
+Bad input (a folder with no JSON, a missing image, a workdir without a checkpoint, ...) is a
+one-line error and exit code 2, before any model time is spent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
 import sys
+from pathlib import Path
 
-from facellm_jax._unbuilt import not_built
+from facellm_jax.evaluation import facexbench, fairness
+from facellm_jax.inference import answer, load
+
+RUN_FILE = "evaluation_run.json"
+
+
+def _parser() -> load.ArgumentParser:
+  parser = load.ArgumentParser(prog="python -m facellm_jax.evaluate", description=__doc__.split("\n\n")[1])
+  load.add_model_args(parser)
+  parser.add_argument("--facexbench", required=True, help="folder of FaceXBench *.json files and their images")
+  parser.add_argument("--out", required=True, help="report JSON path; predictions.jsonl goes beside it")
+  parser.add_argument("--prepend_text", action="store_true", help="put each file's prepend_text before the question")
+  parser.add_argument("--batch_size", type=int, default=8, help="questions per generation call")
+  parser.add_argument("--max_new_tokens", type=int, default=32, help="answer length limit in tokens")
+  parser.add_argument("--max_tiles", type=int, default=1, help="InternVL dynamic tiling: tiles per image (1 = off)")
+  parser.add_argument("--system_prompt", default=None, help="system message before each question")
+  parser.add_argument("--fairness_labels", help="FairFace-format labels.csv of the benchmark's face images")
+  return parser
+
+
+def read_face_labels(csv_path: str | Path) -> dict[Path, dict[str, str]]:
+  """Resolved image path -> {age, gender, race} from a FairFace-format labels CSV."""
+  csv_path = Path(csv_path)
+  if not csv_path.is_file():
+    raise FileNotFoundError(f"fairness labels file {csv_path} not found; expected a CSV with columns "
+                            "file,age,gender,race")
+  with open(csv_path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    missing = {"file", "age", "gender", "race"} - set(reader.fieldnames or ())
+    if missing:
+      raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+    return {(csv_path.parent / row["file"]).resolve(): {k: row[k] for k in ("age", "gender", "race")}
+            for row in reader}
+
+
+def _check_run(out_dir: Path, run: dict) -> None:
+  """Predictions already in `out_dir` must come from this same model, step, benchmark and settings."""
+  run_file = out_dir / RUN_FILE
+  if (out_dir / "predictions.jsonl").exists() and run_file.exists():
+    found = json.loads(run_file.read_text())
+    if found != run:
+      diff = ", ".join(f"{k}: {found.get(k)!r} there, {run.get(k)!r} now"
+                       for k in sorted(set(found) | set(run)) if found.get(k) != run.get(k))
+      raise ValueError(f"{out_dir}/predictions.jsonl holds answers of another evaluation ({diff}); "
+                       "use another --out folder, or delete that file to start over")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  run_file.write_text(json.dumps(run, indent=2) + "\n")
+
+
+def _write_json(path: Path, data: dict) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+  tmp.replace(path)
+
+
+def run(args) -> dict:
+  """The evaluation behind the CLI; returns the report."""
+  if args.batch_size < 1 or args.max_new_tokens < 1 or args.max_tiles < 1:
+    raise ValueError("--batch_size, --max_new_tokens and --max_tiles must be >= 1")
+  questions = facexbench.load_benchmark(args.facexbench)
+  labels = read_face_labels(args.fairness_labels) if args.fairness_labels else None
+  if args.workdir:
+    model_id = {"workdir": str(Path(args.workdir).resolve()),
+                "step": load.latest_step(args.workdir) if args.step is None else args.step}
+  else:
+    model_id = {"hf": str(Path(args.hf).resolve())}
+  run_info = {"model": model_id, "facexbench": str(Path(args.facexbench).resolve()),
+              "prepend_text": args.prepend_text, "max_new_tokens": args.max_new_tokens,
+              "max_tiles": args.max_tiles, "system_prompt": args.system_prompt, "dtype": args.dtype}
+  out = Path(args.out)
+  if out.is_dir():
+    raise ValueError(f"--out {out} is a folder; expected the report's file path, e.g. {out / 'report.json'}")
+  _check_run(out.parent, run_info)
+
+  if args.workdir:
+    args.step = model_id["step"]  # the step the run file names, even if training saves another meanwhile
+  model, config, tokenizer = load.load_from_args(args)
+  generate_fn = answer.make_generate_fn(model, config, tokenizer, max_new_tokens=args.max_new_tokens,
+                                        batch_size=args.batch_size, max_tiles=args.max_tiles,
+                                        system_prompt=args.system_prompt)
+  report = facexbench.evaluate(questions, generate_fn, out.parent, batch_size=args.batch_size,
+                               prepend=args.prepend_text)
+  report.update(run_info)
+  _write_json(out, report)
+  if out.name != "report.json":  # `evaluate` always writes one there; --out is the report.
+    (out.parent / "report.json").unlink(missing_ok=True)
+  if labels is not None:
+    qid_labels = {q.qid: labels[q.image_paths[0]] for q in questions
+                  if len(q.image_paths) == 1 and q.image_paths[0] in labels}
+    records = fairness.records_from_predictions(out.parent / "predictions.jsonl", qid_labels)
+    if not records:
+      raise ValueError(f"no age/gender/race question has a single image listed in {args.fairness_labels}; "
+                       "the CSV's file column must name the benchmark's image files")
+    report["fairness"] = fairness.fairness_report(records, out.parent)
+    _write_json(out, report)
+  return report
+
+
+def _summary(report: dict) -> str:
+  lines = [f"overall {report['overall']:.4f} ({report['correct']}/{report['total_questions']}, "
+           f"{report['unanswered']} unanswered)"]
+  lines += [f"  {task:<28} {r['accuracy']:.4f} ({r['correct']}/{r['total']})"
+            for task, r in report["per_task"].items()]
+  return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  return not_built("facellm_jax.evaluate")
+  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    report = run(args)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(_summary(report))
+  print(f"report: {args.out}")
+  return 0
 
 
 if __name__ == "__main__":

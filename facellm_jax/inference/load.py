@@ -12,6 +12,8 @@ in training, when they are kept unmerged).
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from facellm_jax import hf
@@ -57,7 +60,12 @@ def _manager(workdir: Path) -> ocp.CheckpointManager:
   directory = workdir.resolve() / "checkpoints"
   if directory.is_dir():
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
-    manager = ocp.CheckpointManager(directory, item_names=("params", "meta"), options=options)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager is read-only.
+    try:
+      manager = ocp.CheckpointManager(directory, item_names=("params", "meta"), options=options)
+    finally:
+      logging.set_verbosity(verbosity)
     if manager.latest_step() is not None:
       return manager
   raise NoCheckpointError(f"no complete checkpoint in {directory}: train first, or wait until the run has "
@@ -69,10 +77,10 @@ def latest_step(workdir: str | os.PathLike) -> int:
   return _manager(Path(workdir)).latest_step()
 
 
-def _workdir_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path) -> tok_lib.Tokenizer:
-  """Where training took its tokenizer from (`loop._tokenizer`), without training one."""
+def tokenizer_path(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+  """Where the run took its tokenizer from (as `training.loop` does, without training one)."""
   path = cfg.get("tokenizer", {}).get("path", "") or cfg.model.get("hf_checkpoint", "")
-  return tok_lib.load_tokenizer(path or workdir / "tokenizer")
+  return Path(path) if path else Path(workdir) / "tokenizer"
 
 
 def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None, *,
@@ -161,4 +169,42 @@ def load_for_inference(workdir: str | os.PathLike | None = None, hf_dir: str | o
   if lora is not None and merge_lora:
     lora_lib.merge_lora(model)
     lora = None
-  return cast(model, mc, dtype, lora), mc, _workdir_tokenizer(cfg, workdir)
+  return cast(model, mc, dtype, lora), mc, tok_lib.load_tokenizer(tokenizer_path(cfg, workdir))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` -> `get_config(arg)`, as `--config` reads it for training."""
+  path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"config file {path} not found; expected e.g. configs/tiny.py[:lora]")
+  module_spec = importlib.util.spec_from_file_location(f"_facellm_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config(arg=None)")
+  return module.get_config(arg or None)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line on stderr and exit code 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, hf: bool = True) -> None:
+  """--workdir / --hf / --config / --step / --dtype, shared by the inference CLIs."""
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="training workdir: its latest complete checkpoint is loaded")
+  if hf:
+    source.add_argument("--hf", help="HF InternVL directory (config.json, safetensors, tokenizer.json)")
+  parser.add_argument("--config", help="the run's training config file[:arg] (default: WORKDIR/config.json)")
+  parser.add_argument("--step", type=int, help="checkpoint step to load (default: the latest complete one)")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params and compute dtype")
+
+
+def load_from_args(args: argparse.Namespace, *, merge_lora: bool = True
+                   ) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
+  config = load_config_file(args.config) if args.config else None
+  return load_for_inference(args.workdir, getattr(args, "hf", None), config=config, dtype=args.dtype,
+                            merge_lora=merge_lora, step=args.step)
