@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facellm_jax.models.config import TextConfig
-from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, init_keys, param
+from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, dense, init_keys, param
 
 Array = jax.Array
 
@@ -120,8 +120,7 @@ class LanguageModel(nnx.Module):
 
   def logits(self, hidden: Array) -> Array:
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", hidden.astype(self.dtype), w.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense(hidden.astype(self.dtype), w.astype(self.dtype), jnp.float32)
 
   def init_cache(self, batch: int, length: int, dtype=None) -> list[LayerCache]:
     c = self.cfg

@@ -6,6 +6,7 @@ device mesh. Parameters live in `param_dtype` (float32 master weights); matmuls 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,6 +58,35 @@ def param(rngs: Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtyp
   return nnx.Param(value, axes=axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: Array, kernel: Array, out_dtype=None) -> Array:
+  """x [..., in] @ kernel [in, out], with the weight gradient spelled out as one token contraction.
+
+  JAX's own transpose of `x @ kernel` leaves XLA:CPU a dot that wants the activation gradient
+  transposed, and it fuses that transpose into the elementwise backward (SiLU, softmax) with
+  strided reads: on a 2-core EPYC that copy cost as much as the matmuls. Written as
+  `einsum("...i,...o->io")` the gradient needs no such copy (MLP backward 1.8x faster); on GPU
+  both forms are one GEMM. The input gradient is computed in the input's dtype.
+  """
+  return jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, kernel, out_dtype):
+  return dense(x, kernel, out_dtype), (x, kernel)
+
+
+def _dense_bwd(out_dtype, residuals, dy):
+  del out_dtype
+  x, kernel = residuals
+  dy = dy.astype(x.dtype)
+  dx = jnp.einsum("...o,io->...i", dy, kernel)
+  dkernel = jnp.einsum("...i,...o->io", x, dy, preferred_element_type=kernel.dtype)
+  return dx, dkernel
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Linear(nnx.Module):
   """y = x @ kernel + bias, kernel [in, out]; `lora` is filled by `models.lora.apply_lora`."""
 
@@ -72,7 +102,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    y = dense(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:
