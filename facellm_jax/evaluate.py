@@ -99,10 +99,16 @@ def run(args) -> dict:
 
   if args.workdir:
     args.step = model_id["step"]  # the step the run file names, even if training saves another meanwhile
-  model, config, tokenizer = load.load_from_args(args)
-  generate_fn = answer.make_generate_fn(model, config, tokenizer, max_new_tokens=args.max_new_tokens,
-                                        batch_size=args.batch_size, max_tiles=args.max_tiles,
-                                        system_prompt=args.system_prompt)
+  loaded = []
+
+  def generate_fn(prompts):  # the model loads on the first unanswered question, not for a finished run
+    if not loaded:
+      model, config, tokenizer = load.load_from_args(args)
+      loaded.append(answer.make_generate_fn(model, config, tokenizer, max_new_tokens=args.max_new_tokens,
+                                            batch_size=args.batch_size, max_tiles=args.max_tiles,
+                                            system_prompt=args.system_prompt))
+    return loaded[0](prompts)
+
   report = facexbench.evaluate(questions, generate_fn, out.parent, batch_size=args.batch_size,
                                prepend=args.prepend_text)
   report.update(run_info)

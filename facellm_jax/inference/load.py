@@ -107,16 +107,32 @@ def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict |
         f"checkpoint {workdir / 'checkpoints' / str(step)} was trained as {found['trainable']!r} with model "
         f"{found['model']}, but the config says {trainable!r} with {expected['model']}; pass the config "
         "the run was trained with")
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  model = loop.build_model(cfg, mc, mesh)
+  lora = loop._lora_config(cfg)  # pylint: disable=protected-access
   wrt = lora_lib.trainable_filter(trainable)
+  model = _abstract(mc, lora, DTYPES[cfg.train.compute_dtype])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if jax.tree.leaves(nnx.state(model, nnx.Not(wrt))):
+    # Part of the model did not train: rebuild it as training did (HF weights or the seeded init).
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model = loop.build_model(cfg, mc, mesh)
   trained = nnx.state(model, wrt)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          nnx.to_pure_dict(trained))
-  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(trained))
+  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
   nnx.replace_by_pure_dict(trained, params)
   nnx.update(model, trained)
-  return model, mc, loop._lora_config(cfg)  # pylint: disable=protected-access
+  return model, mc, lora
+
+
+def _abstract(config: config_lib.FaceLLMConfig, lora: lora_lib.LoRAConfig | None, dtype,
+              param_dtype=jnp.float32) -> FaceLLM:
+  """The model's shapes only (no weights): `dtype` compute, `param_dtype` params, float32 adapters."""
+
+  def build() -> FaceLLM:
+    rngs = nnx.Rngs(0)
+    model = FaceLLM(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    return model if lora is None else lora_lib.apply_lora(model, lora, rngs)
+
+  return nnx.eval_shape(build)
 
 
 def cast(model: FaceLLM, config: config_lib.FaceLLMConfig, dtype, lora: lora_lib.LoRAConfig | None = None) -> FaceLLM:
@@ -126,12 +142,7 @@ def cast(model: FaceLLM, config: config_lib.FaceLLMConfig, dtype, lora: lora_lib
   rebuilt abstractly with them and the weights are copied over, cast.
   """
 
-  def build() -> FaceLLM:
-    rngs = nnx.Rngs(0)
-    target = FaceLLM(config, rngs=rngs, dtype=dtype, param_dtype=dtype)
-    return target if lora is None else lora_lib.apply_lora(target, lora, rngs)
-
-  graphdef, target = nnx.split(nnx.eval_shape(build))
+  graphdef, target = nnx.split(_abstract(config, lora, dtype, dtype))
   source = nnx.to_pure_dict(nnx.state(model))
   values = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(target), source)
   nnx.replace_by_pure_dict(target, values)
