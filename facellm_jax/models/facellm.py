@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facellm_jax.models.config import FaceLLMConfig
-from facellm_jax.models.language import LanguageModel, LayerCache, causal_mask
+from facellm_jax.models.language import LanguageModel, LayerCache, segment_mask
 from facellm_jax.models.layers import LayerNorm, Linear, Rngs, activation, init_keys
 from facellm_jax.models.vision import VisionModel
 
@@ -88,7 +88,7 @@ class FaceLLM(nnx.Module):
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = self.language(self.embed(input_ids, pixel_values), positions, causal_mask(segment_ids, b, t))
+    hidden, _ = self.language(self.embed(input_ids, pixel_values), positions, segment_mask(segment_ids))
     return self.language.logits(hidden)
 
   def decode_step(self, input_ids: Array, pixel_values: Array | None, positions: Array, key_valid: Array,

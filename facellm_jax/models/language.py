@@ -58,7 +58,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
       v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
       cache = LayerCache(k, v)
-    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attn_impl)
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attn_impl, causal=cache is None)
     return self.o_proj(out.reshape(b, t, self.n * self.h)), cache
 
 
@@ -109,7 +109,11 @@ class LanguageModel(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, mask: Array, cache: list[LayerCache] | None = None,
                cache_index: Array | None = None) -> tuple[Array, list[LayerCache] | None]:
-    """x [B, T, D] embeddings -> final-normed hidden states [B, T, D] (and the updated cache)."""
+    """x [B, T, D] embeddings -> final-normed hidden states [B, T, D] (and the updated cache).
+
+    Without a cache the attention is causal and `mask` ([B, 1, T, T] or None) only adds packing
+    boundaries; with one, `mask` [B, 1, T, S] alone says which cache slots each query sees.
+    """
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
       call = nnx.remat(type(layer).__call__) if self.remat and cache is None else type(layer).__call__
@@ -129,11 +133,11 @@ class LanguageModel(nnx.Module):
     return [LayerCache(zeros(), zeros()) for _ in range(c.num_hidden_layers)]
 
 
-def causal_mask(segment_ids: Array | None, batch: int, length: int) -> Array:
-  """[B, 1, T, T] boolean: causal, and within the same packed segment when segment ids are given."""
-  idx = jnp.arange(length)
-  mask = (idx[None, :] <= idx[:, None])[None, None]
-  if segment_ids is not None:
-    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    mask = mask & same
-  return jnp.broadcast_to(mask, (batch, 1, length, length))
+def segment_mask(segment_ids: Array | None) -> Array | None:
+  """[B, 1, T, T] boolean: query and key in the same packed segment (None: one sequence per row).
+
+  Causality is not in it: every forward without a cache is causal (see `attention`).
+  """
+  if segment_ids is None:
+    return None
+  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]

@@ -157,22 +157,38 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}") from None
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array | None, implementation: str | None = None) -> Array:
-  """Multi-head / grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask broadcastable to [B,N,T,S].
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None, implementation: str | None = None, *,
+              causal: bool = False) -> Array:
+  """Multi-head / grouped-query attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
+  `mask` (boolean, broadcastable to [B,N,T,S]) keeps the True entries; `causal` also hides the
+  keys after each query (queries being the last T of the S positions), without a [T,S] mask
+  input: the XLA path compares iotas inside the softmax fusion and cuDNN skips masked blocks.
   Softmax runs in float32; fully masked rows stay finite (the XLA path masks with a large
   negative number), which keeps padded rows NaN-free in packed batches.
   """
-  if implementation in (None, "xla"):
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(h))
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (b, n, t, k.shape[1])).reshape(b, kv, n // kv, t, k.shape[1])
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  if implementation not in (None, "xla"):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  # Heads-major operands: per (batch, kv head) both matmuls read contiguous [G*T, H], [S, H] and
+  # [G*T, S] blocks, so XLA:CPU copies the small q/k/v/out instead of transposing the probabilities.
+  qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkgth,bksh->bkgts", qg, kh, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+  keep = None
+  if mask is not None:
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] == 1:
+      keep = mask[:, :, None]
+    else:
+      keep = jnp.broadcast_to(mask, (mask.shape[0], n, *mask.shape[2:])).reshape(mask.shape[0], kv, g, *mask.shape[2:])
+  if causal:
+    lower = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+    keep = lower if keep is None else keep & lower
+  if keep is not None:
+    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksh->bkgth", probs, vh)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
