@@ -26,6 +26,7 @@ class VisionAttention(nnx.Module):
     self.q_norm = RMSNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, param_dtype=param_dtype) if cfg.use_qk_norm else None
     self.k_norm = RMSNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, param_dtype=param_dtype) if cfg.use_qk_norm else None
     self.num_heads = cfg.num_attention_heads
+    self.attn_impl: str | None = None  # as the language model's: None/"xla" or "cudnn"
 
   def __call__(self, x: Array) -> Array:
     b, t, d = x.shape
@@ -33,7 +34,7 @@ class VisionAttention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    out = attention(split(q), split(k), split(v), mask=None)
+    out = attention(split(q), split(k), split(v), None, self.attn_impl)
     return self.out_proj(out.reshape(b, t, d))
 
 
