@@ -29,27 +29,44 @@ sys.path.insert(0, str(ROOT))
 from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
 
 NEW_TOKENS = 4
-_RUNS: dict[str, pathlib.Path] = {}
+_RUNS: dict = {}
 
 
-def lora_workdir(tmp_path_factory) -> pathlib.Path:
-  """A LoRA run of the tiny config (2 decoder layers), 3 steps on 16 synthetic faces; once per session."""
-  if "lora" not in _RUNS:
-    root = tmp_path_factory.mktemp("lora_run")
+def _dataset(tmp_path_factory) -> pathlib.Path:
+  """An offline-generated QA dataset on 16 synthetic faces; once per session."""
+  if "data" not in _RUNS:
+    root = tmp_path_factory.mktemp("data")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for cmd in (["synth", "--out", str(root / "synth"), "--num", "16", "--seed", "0"],
                 ["generate", "--labels", str(root / "synth/labels.csv"), "--images", str(root / "synth"),
                  "--out", str(root / "ds"), "--backend", "offline"]):
       subprocess.run([sys.executable, "-m", "data_gen", *cmd], check=True, capture_output=True, env=env, cwd=ROOT)
-    cfg = tiny.get_config("lora").unlock()
-    cfg.data.dir = str(root / "ds")
+    _RUNS["data"] = root / "ds"
+  return _RUNS["data"]
+
+
+def trained_run(tmp_path_factory, variant: str = "lora", num_steps: int = 3) -> loop.TrainResult:
+  """A run of the tiny config (2 decoder layers) on `_dataset`; once per session and variant.
+
+  The result's `workdir` attribute is its workdir; `state` is what training ended with.
+  """
+  if variant not in _RUNS:
+    cfg = tiny.get_config(variant).unlock()
+    cfg.data.dir = str(_dataset(tmp_path_factory))
     cfg.data.cutoff_len = 128
     cfg.model.text.num_hidden_layers = 2
     cfg.mesh.shape.data = 1
-    cfg.train.update(num_steps=3, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, log_every=1)
-    loop.train(cfg.lock(), root / "workdir", show_progress=False, devices=jax.devices()[:1])
-    _RUNS["lora"] = root / "workdir"
-  return _RUNS["lora"]
+    cfg.train.update(num_steps=num_steps, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, log_every=1)
+    workdir = tmp_path_factory.mktemp(f"{variant}_run")
+    result = loop.train(cfg.lock(), workdir, show_progress=False, devices=jax.devices()[:1])
+    result.workdir = workdir
+    _RUNS[variant] = result
+  return _RUNS[variant]
+
+
+def lora_workdir(tmp_path_factory) -> pathlib.Path:
+  """A LoRA run (3 steps, learning rate 1e-2 so the adapters matter), trained once per session."""
+  return trained_run(tmp_path_factory, "lora").workdir
 
 
 def compilation_cache(tmp_path_factory):
