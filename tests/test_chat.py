@@ -11,20 +11,15 @@ from facellm_jax import chat
 from facellm_jax.inference import answer, load
 from facellm_jax.input import face_crop
 from facellm_jax.input import image as image_lib
-from test_evaluate_cli import compilation_cache, face_png, lora_workdir
+from tiny_runs import face_png
 
 NEW_TOKENS = 8
 QUESTION = "How old is this person?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-  yield from compilation_cache(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return lora_workdir(tmp_path_factory)
+def workdir(lora_workdir):
+  return lora_workdir
 
 
 @pytest.fixture(scope="module")

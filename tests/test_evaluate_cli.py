@@ -1,20 +1,11 @@
-"""`python -m facellm_jax.evaluate` on a small FaceXBench-format folder, with a tiny trained LoRA run.
-
-`lora_workdir` and `write_benchmark` are shared with the chat and export tests (imported there):
-the run is trained once per session.
-"""
+"""`python -m facellm_jax.evaluate` on a small FaceXBench-format folder, with the tiny trained LoRA run."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from facellm_jax import evaluate as evaluate_cli
 from facellm_jax.evaluation import facexbench
@@ -22,72 +13,9 @@ from facellm_jax.inference import answer, load
 from facellm_jax.inference.generate import Generator
 from facellm_jax.input import image as image_lib
 from facellm_jax.input import template
-from facellm_jax.training import loop
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
+from tiny_runs import face_png
 
 NEW_TOKENS = 4
-_RUNS: dict = {}
-
-
-def _dataset(tmp_path_factory) -> pathlib.Path:
-  """An offline-generated QA dataset on 16 synthetic faces; once per session."""
-  if "data" not in _RUNS:
-    root = tmp_path_factory.mktemp("data")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for cmd in (["synth", "--out", str(root / "synth"), "--num", "16", "--seed", "0"],
-                ["generate", "--labels", str(root / "synth/labels.csv"), "--images", str(root / "synth"),
-                 "--out", str(root / "ds"), "--backend", "offline"]):
-      subprocess.run([sys.executable, "-m", "data_gen", *cmd], check=True, capture_output=True, env=env, cwd=ROOT)
-    _RUNS["data"] = root / "ds"
-  return _RUNS["data"]
-
-
-def trained_run(tmp_path_factory, variant: str = "lora", num_steps: int = 3) -> loop.TrainResult:
-  """A run of the tiny config (2 decoder layers) on `_dataset`; once per session and variant.
-
-  The result's `workdir` attribute is its workdir; `state` is what training ended with.
-  """
-  if variant not in _RUNS:
-    cfg = tiny.get_config(variant).unlock()
-    cfg.data.dir = str(_dataset(tmp_path_factory))
-    cfg.data.cutoff_len = 128
-    cfg.model.text.num_hidden_layers = 2
-    cfg.mesh.shape.data = 1
-    cfg.train.update(num_steps=num_steps, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, log_every=1)
-    workdir = tmp_path_factory.mktemp(f"{variant}_run")
-    result = loop.train(cfg.lock(), workdir, show_progress=False, devices=jax.devices()[:1])
-    result.workdir = workdir
-    _RUNS[variant] = result
-  return _RUNS[variant]
-
-
-def lora_workdir(tmp_path_factory) -> pathlib.Path:
-  """A LoRA run (3 steps, learning rate 1e-2 so the adapters matter), trained once per session."""
-  return trained_run(tmp_path_factory, "lora").workdir
-
-
-def compilation_cache(tmp_path_factory):
-  """Module fixture body: a persistent XLA cache shared by these tests, so the seeded init that every
-  load of the LoRA run repeats (a new jit each time) compiles once per session."""
-  if "cache" not in _RUNS:
-    _RUNS["cache"] = tmp_path_factory.mktemp("xla_cache")
-  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                               "jax_persistent_cache_min_compile_time_secs")}
-  jax.config.update("jax_compilation_cache_dir", str(_RUNS["cache"]))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-
-
-def face_png(path: pathlib.Path, seed: int) -> pathlib.Path:
-  """A 16x16 random RGB PNG (the model resizes it to its 112 px)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), np.uint8)).save(path)
-  return path
 
 
 def write_benchmark(root: pathlib.Path) -> pathlib.Path:
@@ -119,14 +47,9 @@ def _argv(workdir, bench, out, *extra):
           "--max_new_tokens", str(NEW_TOKENS), *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-  yield from compilation_cache(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return lora_workdir(tmp_path_factory)
+def workdir(lora_workdir):
+  return lora_workdir
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,15 @@ from safetensors import safe_open
 from facellm_jax import export
 from facellm_jax.inference import answer, load
 from facellm_jax.inference.generate import Generator
-from test_evaluate_cli import compilation_cache, face_png, lora_workdir, trained_run
+from tiny_runs import face_png, trained_run
 
 QUESTION = "What is the age of this person?"
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-  yield from compilation_cache(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return lora_workdir(tmp_path_factory)
+def workdir(lora_workdir):
+  return lora_workdir
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +134,8 @@ def test_non_empty_out_and_missing_checkpoint_are_one_line_errors(workdir, expor
 
 
 @pytest.mark.parametrize("variant", ["lora", "full"])
-def test_workdir_restores_to_the_weights_training_ended_with(tmp_path_factory, variant):
-  result = trained_run(tmp_path_factory, variant, num_steps=1 if variant == "full" else 3)
+def test_workdir_restores_to_the_weights_training_ended_with(tmp_path_factory, offline_dataset, variant):
+  result = trained_run(tmp_path_factory, offline_dataset, variant, num_steps=1 if variant == "full" else 3)
   model, _, _ = load.restore_workdir(result.workdir)
   trained = jax.tree.leaves(nnx.to_pure_dict(result.state[0]))
   restored = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))

@@ -1,8 +1,4 @@
-"""End-to-end training runs of the tiny config on a small offline-generated dataset.
-
-Runs in this process share a persistent XLA compilation cache (scoped to this module), and the
-subprocess runs use it too, so each distinct program is compiled about once.
-"""
+"""End-to-end training runs of the tiny config on the shared offline-generated dataset."""
 
 import json
 import os
@@ -44,31 +40,12 @@ def _config(data_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("xla_cache")
-  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                           "jax_persistent_cache_min_compile_time_secs")}
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
+def dataset(offline_dataset):
+  return offline_dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, "-m", "data_gen", "synth", "--out", str(root / "synth"), "--num", "40",
-                  "--seed", "0"], check=True, capture_output=True, env=env, cwd=ROOT)
-  subprocess.run([sys.executable, "-m", "data_gen", "generate", "--labels", str(root / "synth/labels.csv"),
-                  "--images", str(root / "synth"), "--out", str(root / "ds"), "--backend", "offline"],
-                 check=True, capture_output=True, env=env, cwd=ROOT)
-  return root / "ds"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(dataset, tmp_path_factory, cache_dir):
+def tokenizer_dir(dataset, tmp_path_factory):
   """One tokenizer for every run, so runs in different workdirs see the same token ids."""
   w = tmp_path_factory.mktemp("tok")
   loop.train(_config(dataset, **{"train.num_steps": 0}), w, show_progress=False,
@@ -90,9 +67,8 @@ def _losses(metrics):
   return np.array([m["loss"] for m in metrics])
 
 
-def _cli(workdir, dataset, tokenizer_dir, cache_dir, *extra, devices=1, env=None):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+def _cli(workdir, dataset, tokenizer_dir, *extra, devices=1, env=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # inherits conftest's compilation cache
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
   cmd = [sys.executable, "-m", "facellm_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
          f"--config.data.dir={dataset}", f"--config.tokenizer.path={tokenizer_dir}", "--progress=false",
@@ -144,15 +120,15 @@ def test_lora_run_saves_only_adapters_and_resumes(dataset, tokenizer_dir, tmp_pa
   assert [m["step"] for m in resumed.metrics] == [3]
 
 
-def test_killed_run_resumes_with_identical_losses(dataset, tokenizer_dir, cache_dir, tmp_path):
+def test_killed_run_resumes_with_identical_losses(dataset, tokenizer_dir, tmp_path):
   extra = ("--config.train.num_steps=9", "--config.checkpoint.every_steps=3")
-  full = _cli(tmp_path / "full", dataset, tokenizer_dir, cache_dir, *extra)
+  full = _cli(tmp_path / "full", dataset, tokenizer_dir, *extra)
   assert full.wait(timeout=300) == 0, _tail(full)
   reference = {m["step"]: m["loss"] for m in _read_metrics(tmp_path / "full")}
   params = ocp.StandardCheckpointer().metadata(tmp_path / "full/checkpoints/9/params").item_metadata
   assert {"vision", "projector", "language"} <= set(dict(params))  # a full run saves every param.
 
-  killed = _cli(tmp_path / "killed", dataset, tokenizer_dir, cache_dir, *extra)
+  killed = _cli(tmp_path / "killed", dataset, tokenizer_dir, *extra)
   ckpt = tmp_path / "killed/checkpoints/3"
   while not ckpt.exists() and killed.poll() is None:
     time.sleep(0.02)
@@ -160,19 +136,19 @@ def test_killed_run_resumes_with_identical_losses(dataset, tokenizer_dir, cache_
   killed.wait()
   assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   before = len(_read_metrics(tmp_path / "killed"))
-  rerun = _cli(tmp_path / "killed", dataset, tokenizer_dir, cache_dir, *extra)
+  rerun = _cli(tmp_path / "killed", dataset, tokenizer_dir, *extra)
   assert rerun.wait(timeout=300) == 0, _tail(rerun)
   after = _read_metrics(tmp_path / "killed")[before:]
   assert after and after[-1]["step"] == 9 and after[0]["step"] >= 4
   assert {m["step"]: m["loss"] for m in after} == {m["step"]: reference[m["step"]] for m in after}
 
 
-def test_two_processes_match_single_process(dataset, tokenizer_dir, cache_dir, single_device_run, tmp_path):
+def test_two_processes_match_single_process(dataset, tokenizer_dir, single_device_run, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [
-      _cli(tmp_path / "run", dataset, tokenizer_dir, cache_dir, "--config.train.num_steps=12",
+      _cli(tmp_path / "run", dataset, tokenizer_dir, "--config.train.num_steps=12",
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
       for i in range(2)]
   for p in procs:

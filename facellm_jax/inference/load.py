@@ -107,7 +107,7 @@ def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict |
         f"checkpoint {workdir / 'checkpoints' / str(step)} was trained as {found['trainable']!r} with model "
         f"{found['model']}, but the config says {trainable!r} with {expected['model']}; pass the config "
         "the run was trained with")
-  lora = loop._lora_config(cfg)  # pylint: disable=protected-access
+  lora = loop.lora_config(cfg)
   wrt = lora_lib.trainable_filter(trainable)
   model = _abstract(mc, lora, DTYPES[cfg.train.compute_dtype])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -62,7 +62,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> config_lib.FaceLLMConfig:
   return config_lib.from_config_dict(block)
 
 
-def _lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
+def lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
   if cfg.train.trainable != "lora":
     return None
   return lora_lib.LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha,
@@ -104,7 +104,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, source, vo
 def build_model(cfg: ml_collections.ConfigDict, mc: config_lib.FaceLLMConfig,
                 mesh: jax.sharding.Mesh) -> nnx.Module:
   dtype = _DTYPES[cfg.train.compute_dtype]
-  lora = _lora_config(cfg)
+  lora = lora_config(cfg)
   path = cfg.model.get("hf_checkpoint", "")
   if not path:
     return sharding.create_model(mc, mesh, seed=cfg.train.seed, dtype=dtype, param_dtype=jnp.float32,
