@@ -44,9 +44,12 @@ import numpy as np
 from flax import nnx
 
 import common
+from facellm_jax import hf
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
 from facellm_jax.models.config import FaceLLMConfig, from_config_dict
+from facellm_jax.models.language import Attention
+from facellm_jax.models.vision import VisionAttention
 from facellm_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -143,11 +146,21 @@ def _step_bytes(compiled) -> tuple[int, int]:
   return total, m.temp_size_in_bytes
 
 
-def _with_attention(graphdef: nnx.GraphDef, state: nnx.State, impl: str) -> nnx.GraphDef:
-  """The (model, optimizer) graphdef with every attention layer set to `impl`."""
+def fit_batch(need: int, temp: int, *, limit: int, max_batch: int) -> int:
+  """Rows per device from a batch-1 compile needing `need` bytes, `temp` of them temporaries.
+
+  Everything but the temporaries (weights, optimizer state, the batch) is fixed; the temporaries
+  are taken as all per-row, which overestimates a row and so errs on the side of fitting.
+  """
+  return max(1, min(int((MEMORY_FRACTION * limit - (need - temp)) // max(temp, 1)), max_batch))
+
+
+def _with_attention(graphdef: nnx.GraphDef, state: nnx.State, llm: str, vit: str) -> nnx.GraphDef:
+  """The (model, optimizer) graphdef with the LLM's and the ViT's attention set to `llm` / `vit`."""
   model, optimizer = nnx.merge(graphdef, state)
   for _, module in nnx.iter_modules(model):
-    if hasattr(module, "attn_impl"):
+    if isinstance(module, (Attention, VisionAttention)):
+      impl = vit if isinstance(module, VisionAttention) else llm
       module.attn_impl = None if impl == "xla" else impl
   return nnx.split((model, optimizer))[0]
 
@@ -167,45 +180,47 @@ def run_row(row: Row, a: argparse.Namespace) -> dict[str, Any]:
   param_dtype = jnp.bfloat16 if lora else jnp.float32
   oc = step_lib.OptimConfig(learning_rate=1e-5, num_steps=1000)
 
-  start = time.perf_counter()
-  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
-  model = sharding.create_model(c, mesh, dtype=jnp.bfloat16, param_dtype=param_dtype, lora=lora)
-  total, trainable = lora_lib.count_params(model), lora_lib.count_params(model, wrt)
-  out.update(total_params=total, trainable_params=trainable)
+  base = lora_lib.count_params(hf.abstract_model(c))
+  adapters = 0 if lora is None else lora_lib.lora_param_count(c, lora)
+  trainable = adapters or base
+  out.update(total_params=base + adapters, trainable_params=trainable)
   # Every weight once, plus a float32 gradient and two float32 AdamW moments per trainable one.
-  state_bytes = total * jnp.dtype(param_dtype).itemsize + trainable * 12
+  state_bytes = base * jnp.dtype(param_dtype).itemsize + adapters * 4 + trainable * 12
   if limit and state_bytes > MEMORY_FRACTION * limit * len(devices):
     return {**out, "status": "skipped", "reason": f"weights, gradients and AdamW state need {state_bytes / GB:.0f} GB; "
             f"{len(devices)} device(s) offer {limit * len(devices) / GB:.0f} GB"}
+  start = time.perf_counter()
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+  model = sharding.create_model(c, mesh, dtype=jnp.bfloat16, param_dtype=param_dtype, lora=lora)
   optimizer = nnx.Optimizer(model, step_lib.make_tx(oc), wrt=wrt)
   graphdef, state = nnx.split((model, optimizer))
   del model, optimizer
   state_sh = sharding.state_shardings(state, mesh)
   out["init_s"] = round(time.perf_counter() - start, 1)
-  attn = a.attention if a.attention != "auto" else ("cudnn" if dev.platform == "gpu" else "xla")
+  first = a.attention if a.attention != "auto" else ("cudnn" if dev.platform == "gpu" else "xla")
+  # (LLM, ViT) attention to try in turn: cuDNN may reject the ViT's 1025 tokens, or everything.
+  choices = [(first, first)] + ([("cudnn", "xla"), ("xla", "xla")] if first == "cudnn" else [])
 
   def compile_for(per_device: int):
-    nonlocal attn
     host = make_batch(c, per_device * len(devices), a.seq_len)
     batch_sh = step_lib.batch_shardings(mesh, host)
     batch = jax.device_put(host, batch_sh)
     while True:
-      step = step_lib.make_train_step(_with_attention(graphdef, state, attn), wrt, step_lib.learning_rate_schedule(oc))
+      gdef = _with_attention(graphdef, state, *choices[0])
+      step = step_lib.make_train_step(gdef, wrt, step_lib.learning_rate_schedule(oc))
       try:
         return step_lib.jit_train_step(step, state_sh, batch_sh, mesh).lower(state, batch).compile(), batch
-      except Exception as err:  # cuDNN rejects some shapes when compiling: fall back to XLA's attention
-        if attn == "xla" or _is_oom(err):
+      except Exception as err:  # an attention kernel refused the shapes: try the next choice
+        if len(choices) == 1 or _is_oom(err):
           raise
-        out["attention_fallback"] = f"{attn}: {str(err).splitlines()[0][:200]}"
-        attn = "xla"
+        out.setdefault("attention_fallbacks", []).append(f"{choices.pop(0)}: {str(err).splitlines()[0][:200]}")
 
   start = time.perf_counter()
   per_device = a.batch or (2 if limit is None else 1)
   try:
     compiled, batch = compile_for(per_device)
     if not a.batch and limit is not None:
-      need, temp = _step_bytes(compiled)
-      per_device = max(1, min(int((MEMORY_FRACTION * limit - (need - temp)) // max(temp, 1)), a.max_batch))
+      per_device = fit_batch(*_step_bytes(compiled), limit=limit, max_batch=a.max_batch)
       if per_device > 1:
         compiled, batch = compile_for(per_device)
       while per_device > 1 and _step_bytes(compiled)[0] > limit:
@@ -236,7 +251,7 @@ def run_row(row: Row, a: argparse.Namespace) -> dict[str, Any]:
   peak = step_lib.peak_flops(dev)
   stats = dev.memory_stats() or {}
   out.update(
-      batch_per_device=per_device, attention=attn, step_s=round(seconds, 4), loss=round(loss, 4),
+      batch_per_device=per_device, attention="llm {}, vit {}".format(*choices[0]), step_s=round(seconds, 4), loss=round(loss, 4),
       tokens_per_s=round(rows * a.seq_len / seconds), images_per_s=round(rows / seconds, 2),
       flops_per_step=float(f"{flops:.4e}"),
       achieved_tflops_per_device=round(flops / seconds / len(devices) / 1e12, 3),

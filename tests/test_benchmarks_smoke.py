@@ -16,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = {
     "vs_transformers": ["benchmarks/vs_transformers.py", "--smoke", "--json"],
     "gpu_mfu": ["benchmarks/gpu_mfu.py", "--smoke", "--json"],
+    "gpu_mfu_without_gpu": ["benchmarks/gpu_mfu.py", "--rows", "1b:lora"],
     "input_pipeline": ["benchmarks/input_pipeline.py", "--smoke"],
     "generation_throughput": ["benchmarks/generation_throughput.py", "--requests", "6", "--concurrency", "3",
                               "--latency", "0.05"],
@@ -73,6 +74,30 @@ def test_gpu_mfu_smoke_trains_both_modes_on_the_tiny_config(reports):
   assert lora["flops_per_step"] < full["flops_per_step"]
 
 
+def test_gpu_mfu_on_a_cpu_without_smoke_exits_with_a_one_line_reason(reports):
+  code, stdout, stderr = reports["gpu_mfu_without_gpu"]
+  assert code == 2
+  assert stderr.strip().splitlines()[-1] == "gpu_mfu: no GPU/TPU found; on a CPU run the smoke test (--smoke)"
+
+
+def _gpu_mfu():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import gpu_mfu
+  finally:
+    sys.path.pop(0)
+  return gpu_mfu
+
+
+def test_gpu_mfu_batch_fills_the_memory_left_after_the_fixed_buffers():
+  fit = _gpu_mfu().fit_batch
+  gb = 2**30
+  # 80 GB device: 0.9 * 80 = 72 GB planned; 12 GB fixed (20 needed at batch 1, 8 of them temporaries).
+  assert fit(20 * gb, 8 * gb, limit=80 * gb, max_batch=64) == 7
+  assert fit(20 * gb, 8 * gb, limit=80 * gb, max_batch=4) == 4
+  assert fit(75 * gb, 8 * gb, limit=80 * gb, max_batch=64) == 1  # nothing to spare: still try one row
+
+
 def test_input_pipeline_smoke_compares_with_the_h100_demand(reports):
   r = _last_json(reports, "input_pipeline")
   assert r["smoke"] and r["rows"] and all(row["examples_per_s"] > 0 for row in r["rows"])
@@ -85,11 +110,7 @@ def test_generation_throughput_runs_against_the_fake_server(reports):
 
 
 def test_gpu_mfu_flops_count_causal_attention_as_half():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import gpu_mfu
-  finally:
-    sys.path.pop(0)
+  gpu_mfu = _gpu_mfu()
   c = gpu_mfu.load_config("1b")
   t = c.text
   one = gpu_mfu.train_flops(c, rows=1, seq_len=2048, images=0, lora=None)
