@@ -5,6 +5,7 @@ import os
 import pathlib
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -95,6 +96,25 @@ def test_tiny_config_loss_falls_below_half(dataset, tokenizer_dir, tmp_path):
   losses = _losses(result.metrics)
   print("loss start %.3f end %.3f" % (losses[0], losses[-1]))
   assert losses[-1] < 0.5 * losses[0]
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in logged] == [1, 10, 20, 30, 40, 50, 60]
+  assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "examples_per_s"} <= set(logged[0])
+  assert _tensorboard_scalars(tmp_path / "tensorboard", "train/loss") == [(m["step"], m["loss"]) for m in logged]
+
+
+def _tensorboard_scalars(logdir: pathlib.Path, tag: str) -> list[tuple[int, float]]:
+  """Reads the TFRecord event files directly (length, crc, Event proto, crc)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      out += [(event.step, pytest.approx(v.simple_value, rel=1e-6)) for v in event.summary.value if v.tag == tag]
+  return out
 
 
 def test_data_and_fsdp_sharding_match_one_device(dataset, tokenizer_dir, single_device_run, tmp_path):

@@ -7,8 +7,7 @@ start never leaves state that breaks the next run. Outputs in the workdir:
   metrics.jsonl    one JSON object per logged step (process 0)
   tokenizer/       the tokenizer trained on the dataset's text, for configs without one
   checkpoints/     Orbax (see `training/checkpoint.py`)
-TensorBoard summaries need the `tensorboard` package (or TensorFlow), which this environment does
-not have, so metrics go to metrics.jsonl only (`pandas.read_json(path, lines=True)` reads it).
+  tensorboard/     the same scalars as TensorBoard event files (tensorboardX, no TensorFlow needed)
 Throughput is the last step's tokens (non-padding, images' placeholders included) and examples over
 the mean step time since the previous log line; MFU uses `step.train_flops_per_step`.
 """
@@ -32,6 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from facellm_jax import hf
@@ -272,6 +272,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
 
   logged: list[dict[str, float]] = []
   metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
+  summaries = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
   bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=not show_progress or jax.process_index() != 0)
   logging.info("training %d trainable parameters (%s) on mesh %s, %d rows/step",
@@ -296,6 +297,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
           if metrics_file is not None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            for key, value in record.items():
+              if key != "step":
+                summaries.add_scalar(f"train/{key}", value, done)
+            summaries.flush()
           bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
           window_start, window_steps = time.perf_counter(), 0
         bar.update(1)
@@ -308,5 +313,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
     bar.close()
     if metrics_file is not None:
       metrics_file.close()
+      summaries.close()
     ckpt.close()
   return TrainResult(logged, state)
