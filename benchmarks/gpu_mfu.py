@@ -19,7 +19,7 @@ temporaries, compiled again and halved on out-of-memory. A row whose state alone
 reported as skipped.
 
 MFU = model FLOPs per step / step time / (devices x dense bf16 peak), FLOPs counted as MaxText
-does (see `train_flops`): 2 per multiply-accumulate weight and token forward, backward twice the
+does (see `facellm_jax.training.step.train_flops_per_step`): 2 per multiply-accumulate weight and token forward, backward twice the
 forward where it runs, attention's two [T, T] matmuls with causal masking counted as half of the
 full ones. Rematerialization and padding are not discounted: every position is computed.
 """
@@ -83,36 +83,6 @@ def load_config(arch: str) -> FaceLLMConfig:
   block = module.get_config().model.to_dict()
   block.pop("hf_checkpoint", None)
   return from_config_dict(block)
-
-
-def train_flops(c: FaceLLMConfig, *, rows: int, seq_len: int, images: int, lora: lora_lib.LoRAConfig | None) -> float:
-  """Model FLOPs of one step over `rows` rows of `seq_len` tokens and `images` images.
-
-  Full fine-tuning: 6 FLOPs per weight and token (2 forward, 2 for the input gradient, 2 for the
-  weight gradient) in every tower. LoRA on the language model: its frozen weights skip the weight
-  gradient (4 per weight and token), the adapters count 6, and the vision tower and projector,
-  with nothing trainable upstream of them, run forward only (2). Attention per layer forward:
-  4 * T^2 * heads * head_dim for QK^T and AV, halved for causal LLM attention (MaxText), full in
-  the ViT; x3 wherever the backward runs.
-  """
-  t, v = c.text, c.vision
-  q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-  llm = t.num_hidden_layers * (t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size)
-  llm += t.hidden_size * t.vocab_size  # LM head (the embedding lookup is no matmul)
-  patches = v.num_patches + 1
-  vit = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-  vit += v.num_channels * v.patch_size ** 2 * v.hidden_size
-  d_in = v.hidden_size * int(1 / c.downsample_ratio) ** 2
-  projector = d_in * t.hidden_size + t.hidden_size ** 2
-  tokens = rows * seq_len
-  llm_attn = 3 * 4 * seq_len ** 2 * q * t.num_hidden_layers / 2 * rows
-  vit_attn = 4 * patches ** 2 * v.hidden_size * v.num_hidden_layers * images
-  if lora is None:
-    return (6 * llm * tokens + llm_attn + 6 * images * (vit * patches + projector * c.image_seq_length)
-            + 3 * vit_attn)
-  adapters = lora_lib.lora_param_count(c, lora)
-  return ((4 * llm + 6 * adapters) * tokens + llm_attn
-          + 2 * images * (vit * patches + projector * c.image_seq_length) + vit_attn)
 
 
 def make_batch(c: FaceLLMConfig, rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -247,7 +217,7 @@ def run_row(row: Row, a: argparse.Namespace) -> dict[str, Any]:
     return {**out, "status": "oom", "reason": f"out of memory running batch {per_device} per device"}
 
   rows = per_device * len(devices)
-  flops = train_flops(c, rows=rows, seq_len=a.seq_len, images=rows, lora=lora)
+  flops = step_lib.train_flops_per_step(c, rows=rows, seq_len=a.seq_len, images=rows, lora=lora)
   peak = step_lib.peak_flops(dev)
   stats = dev.memory_stats() or {}
   out.update(

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from facellm_jax.training import step as step_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = {
     "vs_transformers": ["benchmarks/vs_transformers.py", "--smoke", "--json"],
@@ -109,12 +111,11 @@ def test_generation_throughput_runs_against_the_fake_server(reports):
   assert r["requests"] == 6 and r["parallel_s"] > 0 and r["serial_s"] > 0
 
 
-def test_gpu_mfu_flops_count_causal_attention_as_half():
-  gpu_mfu = _gpu_mfu()
-  c = gpu_mfu.load_config("1b")
+def test_flops_count_causal_attention_as_half():
+  c = _gpu_mfu().load_config("1b")
   t = c.text
-  one = gpu_mfu.train_flops(c, rows=1, seq_len=2048, images=0, lora=None)
-  two = gpu_mfu.train_flops(c, rows=1, seq_len=4096, images=0, lora=None)
+  one = step_lib.train_flops_per_step(c, rows=1, seq_len=2048, images=0)
+  two = step_lib.train_flops_per_step(c, rows=1, seq_len=4096, images=0)
   # Doubling T doubles the weight FLOPs and quadruples the causal attention term 3*4*T^2*q*L/2.
   attn = (two - 2 * one) / 2
   assert attn == pytest.approx(3 * 4 * 2048**2 * t.num_attention_heads * t.head_dim * t.num_hidden_layers / 2)

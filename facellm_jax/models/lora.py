@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from facellm_jax.models.config import FaceLLMConfig
-from facellm_jax.models.layers import Linear
+from facellm_jax.models.layers import Linear, Rngs, init_keys
 
 Array = jax.Array
 
@@ -61,10 +61,10 @@ class LoRAAdapter(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float,
-               axes: tuple[str | None, str | None], rngs: nnx.Rngs, dtype=jnp.float32,
+               axes: tuple[str | None, str | None], rngs: Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
     bound = 1.0 / math.sqrt(in_features)
-    a = jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound)
+    a = jax.random.uniform(init_keys(rngs)(), (in_features, rank), param_dtype, -bound, bound)
     self.lora_a = nnx.LoRAParam(a, axes=(axes[0], None))
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype), axes=(None, axes[1]))
     self.scale = scale
@@ -89,12 +89,14 @@ def _targets(model: nnx.Module, cfg: LoRAConfig) -> Iterator[tuple[tuple, Linear
         yield (name, *path), node
 
 
-def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs, *, param_dtype=jnp.float32) -> nnx.Module:
+def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: Rngs, *, param_dtype=jnp.float32) -> nnx.Module:
   """Attaches a fresh adapter to every targeted Linear, in place; returns `model`.
 
   Adapters are float32 (`param_dtype`) even on a bfloat16 model: they are the weights that
-  train, and the update is computed in the Linear's compute dtype either way.
+  train, and the update is computed in the Linear's compute dtype either way. Keys come from one
+  `InitKeys` stream (see `layers.InitKeys`: one nnx draw per adapter is quadratic under tracing).
   """
+  rngs = init_keys(rngs)
   found: dict[str, int] = {t: 0 for t in cfg.targets}
   for path, linear in list(_targets(model, cfg)):
     if linear.lora is not None:

@@ -263,7 +263,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
                                        state_sh, batch_sh, mesh)
   peak = step_lib.peak_flops(jax.devices()[0])
   flops = step_lib.train_flops_per_step(mc, rows=rows_global * t.grad_accum, seq_len=cfg.data.cutoff_len,
-                                        images=rows_global * t.grad_accum, full_backward=t.trainable != "lora")
+                                        images=rows_global * t.grad_accum, trainable=t.trainable,
+                                        lora=lora_config(cfg))
 
   def save(step: int, force: bool = False) -> None:
     model, optimizer = nnx.merge(graphdef, state)

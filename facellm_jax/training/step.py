@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from facellm_jax.models.config import FaceLLMConfig
+from facellm_jax.models.lora import LoRAConfig, lora_param_count
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -163,30 +164,36 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def train_flops_per_step(config: FaceLLMConfig, *, rows: int, seq_len: int, images: int,
-                         full_backward: bool = True) -> float:
-  """Model FLOPs of one optimizer step, counted the way MaxText does.
+def train_flops_per_step(config: FaceLLMConfig, *, rows: float, seq_len: float, images: float,
+                         trainable: str = "full", lora: LoRAConfig | None = None) -> float:
+  """Model FLOPs of one optimizer step, counted the way MaxText does (the one home of this count).
 
-  Matmuls: 2 FLOPs per weight per token forward, 4 backward (activation + weight gradients),
-  i.e. 6N per token; a frozen run (LoRA) skips the weight gradients: 4N (the adapters' own
-  FLOPs are negligible). Attention: QK^T and AV are 4*T*H*d per token and layer forward, halved
-  for causal masking, times 3 for training. Vision tokens (patches) count the same way through
-  the ViT, and every image slot (real or padding) is computed.
+  Matmuls: 2 FLOPs per weight and token forward; the backward adds 2 for the input gradient
+  where a gradient flows and 2 for the weight gradient where the weight trains: 6N for a trained
+  layer, 4N for a frozen one a gradient passes through (the LLM under LoRA), 2N for a frozen
+  tower with nothing trainable upstream (the ViT unless 'full'; the projector too under LoRA).
+  LoRA adapters count 6 per weight and token. Attention: QK^T and AV are 4*T^2*H*d per layer
+  forward, halved for causal LLM attention, full in the ViT, x3 where the backward runs. Every
+  position and image slot is counted: no discount for padding or rematerialization.
   """
   t, v = config.text, config.vision
-  mult = 6 if full_backward else 4
-  q = t.num_attention_heads * t.head_dim
-  kv = t.num_key_value_heads * t.head_dim
-  per_layer = t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
-  text_n = t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size
-  text_tokens = rows * seq_len
-  text_attn = 3 * 4 * seq_len * q * t.num_hidden_layers / 2
+  q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+  llm = t.num_hidden_layers * (t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size)
+  llm += t.hidden_size * t.vocab_size  # LM head (the embedding lookup is no matmul)
   patches = v.num_patches + 1
-  vit_n = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-  vit_attn = 3 * 4 * patches * v.hidden_size * v.num_hidden_layers
-  proj_n = (v.hidden_size * int(1 / config.downsample_ratio) ** 2 + t.hidden_size) * t.hidden_size
-  vision = images * (patches * (mult * vit_n + vit_attn) + config.image_seq_length * mult * proj_n)
-  return text_tokens * (mult * text_n + text_attn) + vision
+  vit = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+  vit += v.num_channels * v.patch_size ** 2 * v.hidden_size  # patch embedding
+  projector = (v.hidden_size * int(1 / config.downsample_ratio) ** 2 + t.hidden_size) * t.hidden_size
+  tokens = rows * seq_len
+  llm_attn = 4 * seq_len ** 2 * q * t.num_hidden_layers / 2 * rows
+  vit_attn = 4 * patches ** 2 * v.hidden_size * v.num_hidden_layers * images
+  if lora is not None:
+    adapters = lora_param_count(config, lora)
+    return ((4 * llm + 6 * adapters) * tokens + 3 * llm_attn
+            + 2 * images * (vit * patches + projector * config.image_seq_length) + vit_attn)
+  vit_mult, proj_mult = {"full": (6, 6), "all_but_vision": (2, 6)}[trainable]
+  return (6 * llm * tokens + 3 * llm_attn + images * vit_mult * vit * patches + vit_mult // 2 * vit_attn
+          + images * proj_mult * projector * config.image_seq_length)
 
 
 def count_trainable(state: nnx.State) -> int:
