@@ -1,12 +1,284 @@
-"""Entry point `python -m facellm_jax.demo` (not built yet)."""
+"""`facellm-demo [--workdir W]` (or `python -m facellm_jax.demo`): the whole recipe, offline, on CPU.
 
+  synthesize faces (and a held-out FaceXBench-format benchmark of other faces)
+  -> generate attribute QA with the offline backend, plus MCQ-style items (`data_gen.mcq`)
+  -> train the demo model from scratch (`configs/demo.py`)
+  -> evaluate on the held-out benchmark with FaceXBench's own prompt and answer extraction
+  -> answer one chat question about a held-out face
+
+The synthetic world's truth is known, so the score means something: the benchmark's faces are
+never trained on and chance is 25%. Each stage resumes: a rerun with the same workdir skips what
+is done (the training resumes from its checkpoint), and refuses a workdir made with other
+settings. Writes `W/demo_report.json` (`synth_mcq_accuracy`, `chance`, per-task accuracy,
+timings, the chat answer) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
-from facellm_jax._unbuilt import not_built
+CHANCE = 0.25  # four options per question
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+SETTINGS_FILE = "demo_settings.json"
+REPORT_FILE = "demo_report.json"
+CHAT_TASK = "gender"  # the chat question is asked about this task's first benchmark face
+CHAT_ATTRIBUTE = "demographics"
 
 
-def main(argv: list[str] | None = None) -> int:
-  return not_built("facellm_jax.demo")
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a demo run makes; a workdir keeps the settings it was made with."""
+  faces: int = 4000  # training faces
+  benchmark_num: int = 50  # held-out questions per benchmark task (7 tasks)
+  qa_attributes: tuple[str, ...] = ("demographics", "expression", "pose", "lighting")
+  mcq_rounds: int = 1  # MCQ items per (face, task)
+  steps: int = 1500
+  batch_size: int = 32
+  seed: int = 0
+  image_size: int = 112
+  eval_batch_size: int = 50
+  max_new_tokens: int = 12  # answers are "<option text> (<letter>)"
+  chat_max_new_tokens: int = 40
+
+
+SMOKE = Settings(faces=16, benchmark_num=2, qa_attributes=("demographics", "expression"), steps=3,
+                 batch_size=8, eval_batch_size=8)
+
+
+class DemoError(Exception):
+  """Bad input or an unusable workdir: one line on stderr, exit code 2."""
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="facellm-demo", description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", default="facellm_demo", type=Path,
+                 help="where every stage writes (default: ./facellm_demo); rerun to resume")
+  p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                 help="training config file[:arg] (default: the repository's configs/demo.py)")
+  p.add_argument("--seed", type=int, help=f"world, data order and init seed ({Settings.seed})")
+  p.add_argument("--faces", type=int, help=f"training faces ({Settings.faces})")
+  p.add_argument("--steps", type=int, help=f"training steps ({Settings.steps})")
+  p.add_argument("--benchmark-num", type=int, help=f"questions per task ({Settings.benchmark_num})")
+  p.add_argument("--smoke", action="store_true",
+                 help="a tiny end-to-end run (a few faces and steps) that checks the plumbing")
+  args = p.parse_args(argv)
+  base = SMOKE if args.smoke else Settings()
+  overrides = {k: v for k, v in (("seed", args.seed), ("faces", args.faces), ("steps", args.steps),
+                                 ("benchmark_num", args.benchmark_num)) if v is not None}
+  for key, value in overrides.items():
+    if key != "seed" and value < 1:
+      p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+  args.settings = dataclasses.replace(base, **overrides)
+  return args
+
+
+def _check_workdir(workdir: Path, settings: Settings) -> None:
+  """A new or empty folder, or one this demo made with the same settings."""
+  if workdir.exists() and not workdir.is_dir():
+    raise DemoError(f"--workdir {workdir} exists and is not a folder")
+  path = workdir / SETTINGS_FILE
+  want = json.loads(json.dumps(dataclasses.asdict(settings)))
+  if path.is_file():
+    found = json.loads(path.read_text())
+    if found != want:
+      diff = ", ".join(f"{k}={found.get(k)!r} there, {want.get(k)!r} now"
+                       for k in sorted(set(found) | set(want)) if found.get(k) != want.get(k))
+      raise DemoError(f"{workdir} holds a demo made with other settings ({diff}); use another "
+                      "--workdir or the same settings")
+  elif workdir.is_dir() and any(workdir.iterdir()):
+    raise DemoError(f"--workdir {workdir} is a non-empty folder that is not a demo workdir; "
+                    "choose a new or empty folder")
+  workdir.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(want, indent=2) + "\n")
+
+
+class _Timer:
+  """Wall and process CPU seconds per stage (CPU time counts every thread of this process)."""
+
+  def __init__(self):
+    self.stages: dict[str, dict[str, float]] = {}
+
+  def run(self, number: int, name: str, title: str, fn: Callable, *args, **kwargs):
+    print(f"\n[{number}/6] {title}", file=sys.stderr, flush=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args, **kwargs)
+    self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 1),
+                         "cpu_s": round(time.process_time() - cpu, 1)}
+    return result
+
+  def total(self) -> dict[str, float]:
+    return {k: round(sum(s[k] for s in self.stages.values()), 1) for k in ("wall_s", "cpu_s")}
+
+
+def _synthesize(workdir: Path, s: Settings) -> dict[str, int]:
+  from data_gen import synth  # pylint: disable=g-import-not-at-top
+
+  faces, bench = workdir / "faces", workdir / "benchmark"
+  if not (faces / "labels.csv").is_file():  # written after every image
+    synth.write_dataset(faces, s.faces, s.seed, s.image_size)
+  if not all((bench / f"synthetic_single_mcq_{t}.json").is_file() for t in synth.BENCHMARK_TASKS):
+    synth.write_benchmark(bench, s.benchmark_num, s.seed, s.image_size)
+  return {"faces": s.faces, "benchmark_questions": s.benchmark_num * len(synth.BENCHMARK_TASKS)}
+
+
+def _read_faces(workdir: Path):
+  from data_gen import fairface  # pylint: disable=g-import-not-at-top
+
+  faces, bad = fairface.read_labels(str(workdir / "faces" / "labels.csv"), str(workdir / "faces"),
+                                    progress=False)
+  if bad:
+    raise DemoError(f"{workdir / 'faces'} has {len(bad)} unusable row(s), first: {bad[0].as_dict()}; "
+                    "delete the workdir and rerun")
+  return faces
+
+
+def _generate(workdir: Path, s: Settings, faces) -> dict[str, int]:
+  from data_gen import generate  # pylint: disable=g-import-not-at-top
+  from data_gen.backends.offline import OfflineBackend  # pylint: disable=g-import-not-at-top
+
+  out = workdir / "qa"
+  report_path = out / "report.json"
+  if report_path.is_file():
+    report = json.loads(report_path.read_text())
+    if report.get("unanswered") == 0 and report.get("expected") == len(faces) * len(s.qa_attributes):
+      return {"qa_pairs": report["written"]}
+  report = generate.run(faces, [], OfflineBackend(seed=s.seed),
+                        generate.RunOptions(str(out), list(s.qa_attributes), seed=s.seed))
+  return {"qa_pairs": report["written"]}
+
+
+def _mcq(workdir: Path, s: Settings, faces) -> dict[str, int]:
+  from data_gen import mcq  # pylint: disable=g-import-not-at-top
+
+  out = workdir / "data"
+  counts_path = out / "counts.json"
+  if (out / "dataset_info.json").is_file() and counts_path.is_file():
+    return json.loads(counts_path.read_text())
+  counts = mcq.write_dataset(faces, str(out), seed=s.seed, rounds=s.mcq_rounds,
+                             qa_dir=str(workdir / "qa"))
+  counts_path.write_text(json.dumps(counts) + "\n")
+  return counts
+
+
+def train_config(config_spec: str, workdir: Path, s: Settings):
+  """The training config: the file's, with the data, steps, batch and seed of this demo."""
+  from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
+
+  cfg = load.load_config_file(config_spec).unlock()
+  cfg.data.dir = str(workdir / "data")
+  cfg.train.num_steps = s.steps
+  cfg.train.batch_size = s.batch_size
+  cfg.train.seed = s.seed
+  cfg.model.vision.image_size = s.image_size
+  cfg.checkpoint.every_steps = max(1, min(cfg.checkpoint.every_steps, s.steps))
+  return cfg.lock()
+
+
+def _train(workdir: Path, cfg) -> dict[str, float]:
+  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  loop.train(cfg, workdir / "train")
+  lines = (workdir / "train" / "metrics.jsonl").read_text().splitlines()
+  last = json.loads(lines[-1])
+  return {"steps": last["step"], "final_loss": round(last["loss"], 4)}
+
+
+def _evaluate(workdir: Path, s: Settings, model, mc, tokenizer) -> dict:
+  from facellm_jax.evaluation import facexbench  # pylint: disable=g-import-not-at-top
+  from facellm_jax.inference import answer  # pylint: disable=g-import-not-at-top
+
+  questions = facexbench.load_benchmark(workdir / "benchmark")
+  generate_fn = answer.make_generate_fn(model, mc, tokenizer, max_new_tokens=s.max_new_tokens,
+                                        batch_size=s.eval_batch_size)
+  return facexbench.evaluate(questions, generate_fn, workdir / "eval", batch_size=s.eval_batch_size)
+
+
+def _chat(workdir: Path, s: Settings, model, mc, tokenizer) -> dict[str, object]:
+  from data_gen import prompts, synth  # pylint: disable=g-import-not-at-top
+  from facellm_jax.inference import answer  # pylint: disable=g-import-not-at-top
+
+  image = workdir / "benchmark" / "images" / f"synthetic_single_mcq_{CHAT_TASK}" / "question_1.jpg"
+  truth = synth.sample_labels(s.benchmark_num, s.seed, stream=f"benchmark/{CHAT_TASK}")[0]
+  question = prompts.QUESTIONS[CHAT_ATTRIBUTE]
+  reply = answer.answer(model, mc, tokenizer, question, [image], max_new_tokens=s.chat_max_new_tokens)
+  return {"image": str(image), "question": question, "answer": reply,
+          "truth": {k: truth[k] for k in ("age", "gender", "race")}}
+
+
+def run(workdir: Path, s: Settings, config_spec: str = str(DEFAULT_CONFIG)) -> dict:
+  """Runs (or resumes) every stage in `workdir`; returns the report also written there."""
+  _check_workdir(workdir, s)
+  cfg = train_config(config_spec, workdir, s)
+  timer = _Timer()
+  data = timer.run(1, "synthesize", f"synthesize {s.faces} training faces and a held-out benchmark",
+                   _synthesize, workdir, s)
+  faces = _read_faces(workdir)
+  data |= timer.run(2, "generate", f"offline QA: {', '.join(s.qa_attributes)}", _generate,
+                    workdir, s, faces)
+  data |= timer.run(3, "mcq", "MCQ-style training items", _mcq, workdir, s, faces)
+  train = timer.run(4, "train", f"train {s.steps} steps of {s.batch_size}", _train, workdir, cfg)
+  from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
+
+  model, mc, tokenizer = load.load_for_inference(workdir=workdir / "train")
+  report = timer.run(5, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, s, model,
+                     mc, tokenizer)
+  chat = timer.run(6, "chat", "one chat question", _chat, workdir, s, model, mc, tokenizer)
+  result = {
+      "synth_mcq_accuracy": report["overall"],
+      "chance": CHANCE,
+      "total_questions": report["total_questions"],
+      "unanswered": report["unanswered"],
+      "per_task": {t: v["accuracy"] for t, v in report["per_task"].items()},
+      "per_task_counts": {t: {"correct": v["correct"], "total": v["total"]}
+                          for t, v in report["per_task"].items()},
+      "per_category": {c: v["accuracy"] for c, v in report["per_category"].items()},
+      "chat": chat,
+      "data": data,
+      "train": train | {"config": config_spec, "batch_size": s.batch_size},
+      "timings": {**timer.stages, "total": timer.total()},
+      "settings": dataclasses.asdict(s),
+  }
+  (workdir / REPORT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+  return result
+
+
+def summary(result: dict) -> str:
+  """The printed summary: accuracy per task, the chat exchange, time per stage."""
+  counts = result["per_task_counts"]
+  lines = [f"Held-out synthetic FaceXBench: {result['total_questions']} questions, 4 options "
+           f"(chance {result['chance']:.0%})"]
+  for task, acc in result["per_task"].items():
+    lines.append(f"  {task:<14} {acc:7.1%}  ({counts[task]['correct']}/{counts[task]['total']})")
+  lines.append(f"  {'overall':<14} {result['synth_mcq_accuracy']:7.1%}")
+  chat = result["chat"]
+  truth = chat["truth"]
+  lines += ["", f"Chat about {chat['image']}", f"  Q: {chat['question']}", f"  A: {chat['answer']}",
+            f"  (truth: {truth['gender']}, aged {truth['age']}, {truth['race']})", ""]
+  stages = ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in result["timings"].items() if k != "total")
+  total = result["timings"]["total"]
+  lines.append(f"Time: {stages}; total {total['wall_s'] / 60:.1f} min wall, "
+               f"{total['cpu_s'] / 60:.1f} min CPU")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  try:
+    result = run(args.workdir, args.settings, args.config)
+  except (DemoError, FileNotFoundError, ValueError) as e:
+    print(f"facellm-demo: error: {e}", file=sys.stderr)
+    return 2
+  print(summary(result))
+  print(f"\nReport: {args.workdir / REPORT_FILE}")
+  return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""Multiple-choice training items: the synthetic benchmark's questions, asked about training faces.
+
+A model trained only on free-text descriptions has never seen an option list, nor been asked to
+answer with a letter, so FaceXBench-style evaluation would measure the format, not the face
+reading. These items teach the format on the *training* faces: the question, its distractors and
+the option order are drawn exactly as `synth.write_benchmark` draws them for the held-out faces,
+and the prompt text is `facexbench.build_prompt`'s own, so a training prompt and a benchmark
+prompt differ only in the face and the draw. The target is the option text, then its letter in
+parentheses ("Female (B)"): naming what is seen first and then matching it to an option trains
+far faster than a bare letter, and the benchmark's extraction finds the "(B)".
+
+`python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]` writes a
+TFDS dataset (the `generate` format, attribute `mcq_<task>`) with R items per (face, task) and,
+with --qa, every record of a `generate` output re-written beside them, so one dataset trains both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from data_gen import fairface, synth, tfds_writer
+from facellm_jax.evaluation import facexbench
+
+TASKS = tuple(synth.BENCHMARK_TASKS)
+ATTRIBUTE_PREFIX = "mcq_"
+SOURCE = "mcq"
+
+
+@dataclasses.dataclass(frozen=True)
+class MCQ:
+  """One question about one face: what the model is shown and what it must answer."""
+  task: str
+  question: facexbench.Question
+  target: str  # the assistant's reply
+
+  @property
+  def prompt(self) -> str:
+    """The user turn's text after the image marker, exactly as the benchmark prompts it."""
+    return facexbench.build_prompt(self.question).removeprefix(f"{facexbench.IMAGE_MARKER}\n")
+
+
+def _rng(seed: int, image_id: str, task: str, round_: int) -> np.random.Generator:
+  digest = hashlib.sha256(f"mcq|{seed}|{image_id}|{task}|{round_}".encode()).digest()
+  return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+def make_mcq(task: str, labels: Mapping[str, str], rng: np.random.Generator,
+             image_id: str = "") -> MCQ:
+  """The benchmark's question for `task` about a face with these labels (options shuffled)."""
+  if task not in synth.BENCHMARK_TASKS:
+    raise ValueError(f"unknown MCQ task {task!r}; expected one of {', '.join(TASKS)}")
+  category, sub, prepend, _ = synth.BENCHMARK_TASKS[task]
+  text, answer, wrong = synth._question(task, labels, rng)  # pylint: disable=protected-access
+  options = tuple(str(o) for o in rng.permutation([answer, *wrong]))
+  letter = facexbench.LETTERS[options.index(answer)]
+  question = facexbench.Question(
+      qid=f"{image_id}/{task}", category=category, task=sub, dataset="synthetic",
+      num_images="single", image_paths=(), question_text=text, options=options, correct=letter,
+      answer=answer, prepend_text=prepend, postpend_text=synth._POSTPEND,  # pylint: disable=protected-access
+      context=None)
+  return MCQ(task, question, f" {answer} ({letter})")
+
+
+def face_mcqs(image_id: str, labels: Mapping[str, str], seed: int, tasks: Sequence[str] = TASKS,
+              rounds: int = 1) -> list[MCQ]:
+  """`rounds` draws per task for one face, each a fresh question, distractors and option order;
+  deterministic in (seed, image_id, task, round)."""
+  return [make_mcq(task, labels, _rng(seed, image_id, task, r), image_id)
+          for r in range(rounds) for task in tasks]
+
+
+def _qa_records(qa_dir: str) -> dict[str, list[tfds_writer.QA]]:
+  """The QA pairs of a `generate` output, by image id (text only; images come from ROOT)."""
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
+
+  out: dict[str, list[tfds_writer.QA]] = {}
+  source = pipeline.open_tfds_source(qa_dir, "train")
+  text = pipeline._text  # pylint: disable=protected-access
+  for i in tqdm(range(len(source)), desc="read QA", unit="rec", leave=False):
+    r = source[i]
+    out.setdefault(text(r["image_id"]), []).append(tfds_writer.QA(
+        text(r["attribute"]), text(r["question"]), text(r["answer"]), text(r["source"])))
+  return out
+
+
+def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0,
+                  tasks: Sequence[str] = TASKS, rounds: int = 1, qa_dir: str | None = None,
+                  progress: bool = True) -> dict[str, int]:
+  """Writes the MCQ items of `faces` (and the QA of `qa_dir`) as one TFDS dataset, all `train`.
+
+  Returns the record counts: `mcq`, `qa` and `total`.
+  """
+  qa = _qa_records(qa_dir) if qa_dir else {}
+  items = []
+  num_mcq = 0
+  for face in tqdm(faces, desc="MCQ items", unit="face", disable=not progress):
+    mcqs = face_mcqs(face.image_id, face.labels, seed, tasks, rounds)
+    num_mcq += len(mcqs)
+    pairs = [tfds_writer.QA(ATTRIBUTE_PREFIX + m.task, m.prompt, m.target, SOURCE) for m in mcqs]
+    items.append(tfds_writer.ImageQA(face.image_id, face.path, face.labels,
+                                     qa.get(face.image_id, []) + pairs))
+  missing = set(qa) - {face.image_id for face in faces}
+  if missing:
+    raise ValueError(f"{qa_dir} has QA for {len(missing)} image(s) not in the label CSV, e.g. "
+                     f"{sorted(missing)[0]!r}; pass the CSV and image root it was generated from")
+  tfds_writer.write_dataset(out_dir, items, {i.image_id: "train" for i in items},
+                            description=f"Synthetic-face MCQ items ({', '.join(tasks)})"
+                            + (" and attribute QA." if qa else "."))
+  num_qa = sum(len(v) for v in qa.values())
+  return {"mcq": num_mcq, "qa": num_qa, "total": num_mcq + num_qa}
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  from data_gen.generate import OneLineParser  # pylint: disable=g-import-not-at-top
+
+  p = OneLineParser(prog="python -m data_gen mcq", description=__doc__.split("\n")[0])
+  p.add_argument("--labels", required=True, help="label CSV with the synthetic world's columns")
+  p.add_argument("--images", required=True, help="image root; the CSV's `file` is relative")
+  p.add_argument("--out", required=True, help="output TFDS dataset directory")
+  p.add_argument("--qa", help="a `python -m data_gen generate` output to include")
+  p.add_argument("--rounds", type=int, default=1, help="questions per (face, task)")
+  p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from data_gen.generate import CliError  # pylint: disable=g-import-not-at-top
+
+  try:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+      raise CliError(f"--tasks: unknown {unknown or 'empty list'}; expected some of {','.join(TASKS)}")
+    if args.rounds < 1:
+      raise CliError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.qa and not os.path.isfile(os.path.join(args.qa, "dataset_info.json")):
+      raise CliError(f"--qa {args.qa} is not a dataset written by `python -m data_gen generate`")
+    faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
+    columns = {c for f in faces[:1] for c in f.labels}
+    lacking = [c for c in synth.CSV_COLUMNS if c != "file" and c not in columns]
+    if faces and lacking:
+      raise CliError(f"{args.labels}: MCQ items need the synthetic world's label columns; missing "
+                     f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
+    if not faces:
+      raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
+    counts = write_dataset(faces, args.out, seed=args.seed, tasks=tasks, rounds=args.rounds,
+                           qa_dir=args.qa, progress=not args.no_progress)
+  except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
+    print(f"mcq: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {counts['mcq']} MCQ items and {counts['qa']} QA pairs to {args.out}",
+        file=sys.stderr)
+  return 0

@@ -1,0 +1,158 @@
+"""The offline demo end to end (smoke size), and the MCQ training items it trains on."""
+
+import collections
+import csv
+import json
+
+import pytest
+
+from data_gen import fairface, mcq, synth
+from facellm_jax import demo
+from facellm_jax.evaluation import facexbench
+
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """Training faces and a benchmark written by the synthetic world, as the demo writes them."""
+  root = tmp_path_factory.mktemp("world")
+  synth.write_dataset(root / "faces", 40, SEED, size=56)
+  synth.write_benchmark(root / "benchmark", 2, SEED, size=56)
+  faces, bad = fairface.read_labels(str(root / "faces" / "labels.csv"), str(root / "faces"),
+                                    progress=False)
+  assert not bad
+  return root, faces
+
+
+def _truth(task, labels, answer_text):
+  """The option text a face's labels make correct for this task (independent of mcq.py)."""
+  if task == "age":
+    return labels["age"]
+  if task == "gender":
+    return labels["gender"]
+  if task == "race":
+    return labels["race"]
+  if task == "expression":
+    return labels["expression"]
+  if task == "headpose":
+    return labels["head_pose"]
+  if task == "attributes":
+    if answer_text in ("Yes", "No"):
+      return {"yes": "Yes", "no": "No"}[labels["eyeglasses"]]
+    return {"none": "No facial hair", "beard": "Beard", "moustache": "Moustache"}[labels["facial_hair"]]
+  if task == "image_quality":
+    return labels["sharpness"] if answer_text in ("sharp", "blurry") else labels["jpeg_quality"]
+  raise AssertionError(task)
+
+
+def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_letter_is_the_label(world):
+  root, faces = world
+  benchmark = {q.task: q for q in facexbench.load_benchmark(root / "benchmark")}
+  templates = {t: set(v[3]) for t, v in synth.BENCHMARK_TASKS.items()}
+  letters = collections.Counter()
+  for face in faces:
+    for item in mcq.face_mcqs(face.image_id, face.labels, SEED):
+      ref = benchmark[synth.BENCHMARK_TASKS[item.task][1]]
+      q = item.question
+      assert q.question_text in templates[item.task]
+      # The benchmark file's own header fields and this item's question and options, through the
+      # benchmark's prompt builder, give exactly the training prompt.
+      same = facexbench.Question(
+          qid="x", category=ref.category, task=ref.task, dataset=ref.dataset,
+          num_images=ref.num_images, image_paths=(root / "x.jpg",), question_text=q.question_text,
+          options=q.options, correct=q.correct, answer=q.answer, prepend_text=ref.prepend_text,
+          postpend_text=ref.postpend_text, context=None)
+      assert f"{facexbench.IMAGE_MARKER}\n{item.prompt}" == facexbench.build_prompt(same)
+      assert item.prompt.startswith(q.question_text + "\n" + ref.postpend_text + "\n(A) ")
+      assert len(q.options) == 4 and len(set(q.options)) == 4
+      truth = _truth(item.task, face.labels, q.answer)
+      assert q.options[facexbench.LETTERS.index(q.correct)] == truth == q.answer
+      assert facexbench.extract_answer(item.target, q.options) == q.correct
+      letters[q.correct] += 1
+  assert set(letters) == set(facexbench.LETTERS)  # options are shuffled
+  assert max(letters.values()) < 0.4 * sum(letters.values())
+
+
+def test_mcq_items_are_deterministic_and_differ_per_round(world):
+  _, faces = world
+  face = faces[0]
+  first = mcq.face_mcqs(face.image_id, face.labels, SEED, rounds=3)
+  assert first == mcq.face_mcqs(face.image_id, face.labels, SEED, rounds=3)
+  assert [m.task for m in first] == list(mcq.TASKS) * 3
+  assert len({m.prompt for m in first}) > len(mcq.TASKS)
+
+
+def test_mcq_dataset_holds_items_beside_the_qa(world, tmp_path):
+  root, faces = world
+  counts = mcq.write_dataset(faces[:5], str(tmp_path / "data"), seed=SEED, rounds=2, progress=False)
+  assert counts == {"mcq": 5 * 2 * len(mcq.TASKS), "qa": 0, "total": 5 * 2 * len(mcq.TASKS)}
+  from facellm_jax.input import pipeline
+
+  source = pipeline.open_tfds_source(tmp_path / "data")
+  assert len(source) == counts["total"]
+  record = source[0]
+  assert pipeline._text(record["attribute"]).startswith(mcq.ATTRIBUTE_PREFIX)
+  assert record["image"].shape == (56, 56, 3)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo") / "w"
+  code = demo.main(["--workdir", str(workdir), "--smoke"])
+  return workdir, code
+
+
+def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
+  workdir, code = smoke
+  assert code == 0
+  report = json.loads((workdir / demo.REPORT_FILE).read_text())
+  tasks = {v[1] for v in synth.BENCHMARK_TASKS.values()}
+  assert set(report["per_task"]) == tasks
+  assert report["chance"] == 0.25
+  assert 0.0 <= report["synth_mcq_accuracy"] <= 1.0
+  n = demo.SMOKE.benchmark_num * len(tasks)
+  assert report["total_questions"] == n
+  correct = sum(c["correct"] for c in report["per_task_counts"].values())
+  assert report["synth_mcq_accuracy"] == pytest.approx(correct / n)
+  assert set(report["timings"]) == {"synthesize", "generate", "mcq", "train", "evaluate", "chat",
+                                    "total"}
+  assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timings"].values())
+  assert report["train"]["steps"] == demo.SMOKE.steps
+  assert isinstance(report["chat"]["answer"], str)
+  assert report["chat"]["truth"]["gender"] in ("Male", "Female")
+  # Every stage left its output.
+  with open(workdir / "faces" / "labels.csv", newline="") as f:
+    assert len(list(csv.DictReader(f))) == demo.SMOKE.faces
+  qa = json.loads((workdir / "qa" / "report.json").read_text())
+  assert qa["written"] == demo.SMOKE.faces * len(demo.SMOKE.qa_attributes)
+  assert report["data"] == {"faces": demo.SMOKE.faces, "benchmark_questions": n,
+                            "qa_pairs": qa["written"], "mcq": demo.SMOKE.faces * len(mcq.TASKS),
+                            "qa": qa["written"], "total": qa["written"] + demo.SMOKE.faces * len(mcq.TASKS)}
+  predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()
+  assert len(predictions) == n
+  assert (workdir / "train" / "checkpoints").is_dir()
+
+
+def test_rerun_resumes_without_retraining(smoke, capsys):
+  workdir, _ = smoke
+  metrics = (workdir / "train" / "metrics.jsonl").read_text()
+  assert demo.main(["--workdir", str(workdir), "--smoke"]) == 0
+  assert (workdir / "train" / "metrics.jsonl").read_text() == metrics
+  assert "overall" in capsys.readouterr().out
+
+
+def test_workdir_of_other_settings_is_refused(smoke, capsys):
+  workdir, _ = smoke
+  assert demo.main(["--workdir", str(workdir), "--smoke", "--steps", "5"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "other settings" in err and "steps=3" in err
+
+
+def test_foreign_or_bad_workdir_is_refused(tmp_path, capsys):
+  (tmp_path / "mine.txt").write_text("keep me")
+  assert demo.main(["--workdir", str(tmp_path), "--smoke"]) == 2
+  assert "not a demo workdir" in capsys.readouterr().err
+  assert demo.main(["--workdir", str(tmp_path / "mine.txt"), "--smoke"]) == 2
+  assert "not a folder" in capsys.readouterr().err
+  assert (tmp_path / "mine.txt").read_text() == "keep me"
