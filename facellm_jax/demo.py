@@ -1,8 +1,12 @@
 """`facellm-demo [--workdir W]` (or `python -m facellm_jax.demo`): the whole recipe, offline, on CPU.
 
   synthesize faces (and a held-out FaceXBench-format benchmark of other faces)
-  -> generate attribute QA with the offline backend, plus MCQ-style items (`data_gen.mcq`)
-  -> train the demo model from scratch (`configs/demo.py`)
+  -> generate attribute QA with the offline backend, plus MCQ-style items (`data_gen.mcq`) and
+     one attribute card per face (`data_gen.cards`)
+  -> pretrain a tiny InternVL from scratch on the cards (`configs/demo_pretrain.py`) and export
+     it as an HF checkpoint
+  -> fine-tune that checkpoint on the QA, MCQ items and cards, as FaceLLM fine-tunes InternVL3
+     (`configs/demo.py`)
   -> evaluate on the held-out benchmark with FaceXBench's own prompt and answer extraction
   -> answer one chat question about a held-out face
 
@@ -16,9 +20,12 @@ timings, the chat answer) and prints a summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +33,7 @@ from typing import Callable, Sequence
 
 CHANCE = 0.25  # four options per question
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+DEFAULT_PRETRAIN_CONFIG = DEFAULT_CONFIG.with_name("demo_pretrain.py")
 SETTINGS_FILE = "demo_settings.json"
 REPORT_FILE = "demo_report.json"
 CHAT_TASK = "gender"  # the chat question is asked about this task's first benchmark face
@@ -37,18 +45,20 @@ class Settings:
   """What a demo run makes; a workdir keeps the settings it was made with."""
   faces: int = 4000  # training faces
   benchmark_num: int = 50  # held-out questions per benchmark task (7 tasks)
-  qa_attributes: tuple[str, ...] = ("demographics", "expression", "pose", "lighting")
+  qa_attributes: tuple[str, ...] = ("demographics",)  # also the chat question's attribute
   mcq_rounds: int = 1  # MCQ items per (face, task)
-  steps: int = 1500
+  pretrain_steps: int = 1600
+  pretrain_batch_size: int = 64
+  steps: int = 1400
   batch_size: int = 32
   seed: int = 0
   image_size: int = 112
   eval_batch_size: int = 50
-  max_new_tokens: int = 12  # answers are "<option text> (<letter>)"
+  max_new_tokens: int = 12  # answers are an option's text
   chat_max_new_tokens: int = 40
 
 
-SMOKE = Settings(faces=16, benchmark_num=2, qa_attributes=("demographics", "expression"), steps=3,
+SMOKE = Settings(faces=16, benchmark_num=2, pretrain_steps=2, pretrain_batch_size=8, steps=3,
                  batch_size=8, eval_batch_size=8)
 
 
@@ -61,16 +71,21 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--workdir", default="facellm_demo", type=Path,
                  help="where every stage writes (default: ./facellm_demo); rerun to resume")
   p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                 help="training config file[:arg] (default: the repository's configs/demo.py)")
+                 help="fine-tuning config file[:arg] (default: the repository's configs/demo.py)")
+  p.add_argument("--pretrain-config", default=str(DEFAULT_PRETRAIN_CONFIG),
+                 help="pretraining config file[:arg] (default: configs/demo_pretrain.py)")
   p.add_argument("--seed", type=int, help=f"world, data order and init seed ({Settings.seed})")
   p.add_argument("--faces", type=int, help=f"training faces ({Settings.faces})")
-  p.add_argument("--steps", type=int, help=f"training steps ({Settings.steps})")
+  p.add_argument("--pretrain-steps", type=int,
+                 help=f"pretraining steps on the cards ({Settings.pretrain_steps})")
+  p.add_argument("--steps", type=int, help=f"fine-tuning steps ({Settings.steps})")
   p.add_argument("--benchmark-num", type=int, help=f"questions per task ({Settings.benchmark_num})")
   p.add_argument("--smoke", action="store_true",
                  help="a tiny end-to-end run (a few faces and steps) that checks the plumbing")
   args = p.parse_args(argv)
   base = SMOKE if args.smoke else Settings()
   overrides = {k: v for k, v in (("seed", args.seed), ("faces", args.faces), ("steps", args.steps),
+                                 ("pretrain_steps", args.pretrain_steps),
                                  ("benchmark_num", args.benchmark_num)) if v is not None}
   for key, value in overrides.items():
     if key != "seed" and value < 1:
@@ -106,7 +121,7 @@ class _Timer:
     self.stages: dict[str, dict[str, float]] = {}
 
   def run(self, number: int, name: str, title: str, fn: Callable, *args, **kwargs):
-    print(f"\n[{number}/6] {title}", file=sys.stderr, flush=True)
+    print(f"\n[{number}/7] {title}", file=sys.stderr, flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
     self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 1),
@@ -154,39 +169,77 @@ def _generate(workdir: Path, s: Settings, faces) -> dict[str, int]:
   return {"qa_pairs": report["written"]}
 
 
-def _mcq(workdir: Path, s: Settings, faces) -> dict[str, int]:
-  from data_gen import mcq  # pylint: disable=g-import-not-at-top
+def _items(workdir: Path, s: Settings, faces) -> dict[str, int]:
+  from data_gen import cards, mcq  # pylint: disable=g-import-not-at-top
 
   out = workdir / "data"
   counts_path = out / "counts.json"
   if (out / "dataset_info.json").is_file() and counts_path.is_file():
-    return json.loads(counts_path.read_text())
-  counts = mcq.write_dataset(faces, str(out), seed=s.seed, rounds=s.mcq_rounds,
-                             qa_dir=str(workdir / "qa"))
-  counts_path.write_text(json.dumps(counts) + "\n")
+    counts = json.loads(counts_path.read_text())
+  else:
+    counts = mcq.write_dataset(faces, str(out), seed=s.seed, rounds=s.mcq_rounds,
+                               qa_dir=str(workdir / "qa"), with_cards=True)
+    counts_path.write_text(json.dumps(counts) + "\n")
+  if not (workdir / "cards" / "dataset_info.json").is_file():
+    cards.write_dataset(faces, str(workdir / "cards"))
   return counts
 
 
-def train_config(config_spec: str, workdir: Path, s: Settings):
-  """The training config: the file's, with the data, steps, batch and seed of this demo."""
+def _tokenizer(workdir: Path, faces, vocab_size: int) -> dict[str, int]:
+  """One tokenizer for both stages: the fine-tuning data's texts plus the first 2,000 faces' cards
+  once more (the pretraining data, weighted up)."""
+  from data_gen import cards  # pylint: disable=g-import-not-at-top
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+  from facellm_jax.input import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+
+  out = workdir / "tokenizer"
+  if not (out / "tokenizer.json").is_file():
+    source = pipeline.open_tfds_source(workdir / "data")
+    text = pipeline._text  # pylint: disable=protected-access
+    step = max(1, len(source) // 20_000)
+    texts = [f"{text(r['question'])}\n{text(r['answer'])}"
+             for r in (source[i] for i in range(0, len(source), step))]
+    texts += [f"{cards.QUESTION}\n{cards.card(f.labels)}" for f in faces[:2000]]
+    tmp = workdir / ".tokenizer-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok_lib.train_tokenizer(texts, vocab_size, tmp)
+    os.replace(tmp, out)
+  return {"vocab_size": tok_lib.load_tokenizer(out).vocab_size}
+
+
+def stage_config(config_spec: str, workdir: Path, s: Settings, *, data: str, steps: int,
+                 batch_size: int, init: str = ""):
+  """A stage's training config: the file's, with this demo's data, steps, batch, seed, tokenizer
+  and (for fine-tuning) the pretrained HF checkpoint to start from."""
   from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
 
   cfg = load.load_config_file(config_spec).unlock()
-  cfg.data.dir = str(workdir / "data")
-  cfg.train.num_steps = s.steps
-  cfg.train.batch_size = s.batch_size
+  cfg.data.dir = str(workdir / data)
+  cfg.train.num_steps = steps
+  cfg.train.batch_size = batch_size
   cfg.train.seed = s.seed
   cfg.model.vision.image_size = s.image_size
-  cfg.checkpoint.every_steps = max(1, min(cfg.checkpoint.every_steps, s.steps))
+  cfg.model.hf_checkpoint = init
+  cfg.tokenizer.path = str(workdir / "tokenizer")
+  cfg.checkpoint.every_steps = max(1, min(cfg.checkpoint.every_steps, steps))
   return cfg.lock()
 
 
-def _train(workdir: Path, cfg) -> dict[str, float]:
+def _train(workdir: Path, cfg, export_to: Path | None = None) -> dict[str, float]:
+  from facellm_jax import export  # pylint: disable=g-import-not-at-top
   from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
 
-  loop.train(cfg, workdir / "train")
-  lines = (workdir / "train" / "metrics.jsonl").read_text().splitlines()
+  loop.train(cfg, workdir)
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
   last = json.loads(lines[-1])
+  if export_to is not None and not (export_to / "config.json").is_file():
+    tmp = export_to.with_name(export_to.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the temporary folder's name
+      code = export.main(["--workdir", str(workdir), "--out", str(tmp)])
+    if code:
+      raise DemoError(f"exporting {workdir} failed (exit {code})")
+    os.replace(tmp, export_to)
   return {"steps": last["step"], "final_loss": round(last["loss"], 4)}
 
 
@@ -212,24 +265,33 @@ def _chat(workdir: Path, s: Settings, model, mc, tokenizer) -> dict[str, object]
           "truth": {k: truth[k] for k in ("age", "gender", "race")}}
 
 
-def run(workdir: Path, s: Settings, config_spec: str = str(DEFAULT_CONFIG)) -> dict:
+def run(workdir: Path, s: Settings, config_spec: str = str(DEFAULT_CONFIG),
+        pretrain_spec: str = str(DEFAULT_PRETRAIN_CONFIG)) -> dict:
   """Runs (or resumes) every stage in `workdir`; returns the report also written there."""
   _check_workdir(workdir, s)
-  cfg = train_config(config_spec, workdir, s)
+  pretrained = workdir / "pretrain" / "hf"
+  pre_cfg = stage_config(pretrain_spec, workdir, s, data="cards", steps=s.pretrain_steps,
+                         batch_size=s.pretrain_batch_size)
+  cfg = stage_config(config_spec, workdir, s, data="data", steps=s.steps, batch_size=s.batch_size,
+                     init=str(pretrained))
   timer = _Timer()
   data = timer.run(1, "synthesize", f"synthesize {s.faces} training faces and a held-out benchmark",
                    _synthesize, workdir, s)
   faces = _read_faces(workdir)
   data |= timer.run(2, "generate", f"offline QA: {', '.join(s.qa_attributes)}", _generate,
                     workdir, s, faces)
-  data |= timer.run(3, "mcq", "MCQ-style training items", _mcq, workdir, s, faces)
-  train = timer.run(4, "train", f"train {s.steps} steps of {s.batch_size}", _train, workdir, cfg)
+  data |= timer.run(3, "items", "MCQ-style items and attribute cards", _items, workdir, s, faces)
+  data |= _tokenizer(workdir, faces, pre_cfg.model.text.vocab_size)
+  pretrain = timer.run(4, "pretrain", f"pretrain on cards: {s.pretrain_steps} steps of "
+                       f"{s.pretrain_batch_size}", _train, workdir / "pretrain", pre_cfg, pretrained)
+  train = timer.run(5, "train", f"fine-tune on QA, MCQ and cards: {s.steps} steps of {s.batch_size}",
+                    _train, workdir / "train", cfg)
   from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
 
   model, mc, tokenizer = load.load_for_inference(workdir=workdir / "train")
-  report = timer.run(5, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, s, model,
+  report = timer.run(6, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, s, model,
                      mc, tokenizer)
-  chat = timer.run(6, "chat", "one chat question", _chat, workdir, s, model, mc, tokenizer)
+  chat = timer.run(7, "chat", "one chat question", _chat, workdir, s, model, mc, tokenizer)
   result = {
       "synth_mcq_accuracy": report["overall"],
       "chance": CHANCE,
@@ -241,6 +303,7 @@ def run(workdir: Path, s: Settings, config_spec: str = str(DEFAULT_CONFIG)) -> d
       "per_category": {c: v["accuracy"] for c, v in report["per_category"].items()},
       "chat": chat,
       "data": data,
+      "pretrain": pretrain | {"config": pretrain_spec, "batch_size": s.pretrain_batch_size},
       "train": train | {"config": config_spec, "batch_size": s.batch_size},
       "timings": {**timer.stages, "total": timer.total()},
       "settings": dataclasses.asdict(s),
@@ -272,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   try:
-    result = run(args.workdir, args.settings, args.config)
+    result = run(args.workdir, args.settings, args.config, args.pretrain_config)
   except (DemoError, FileNotFoundError, ValueError) as e:
     print(f"facellm-demo: error: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""The offline demo end to end (smoke size), and the MCQ training items it trains on."""
+"""The offline demo end to end (smoke size), and the MCQ items and attribute cards it trains on."""
 
 import collections
 import csv
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_gen import fairface, mcq, synth
+from data_gen import cards, fairface, mcq, synth
 from facellm_jax import demo
 from facellm_jax.evaluation import facexbench
 
@@ -46,13 +46,13 @@ def _truth(task, labels, answer_text):
   raise AssertionError(task)
 
 
-def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_letter_is_the_label(world):
+def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_label(world):
   root, faces = world
   benchmark = {q.task: q for q in facexbench.load_benchmark(root / "benchmark")}
   templates = {t: set(v[3]) for t, v in synth.BENCHMARK_TASKS.items()}
   letters = collections.Counter()
   for face in faces:
-    for item in mcq.face_mcqs(face.image_id, face.labels, SEED):
+    for item in mcq.face_mcqs(face.image_id, face.labels, SEED, rounds=3):
       ref = benchmark[synth.BENCHMARK_TASKS[item.task][1]]
       q = item.question
       assert q.question_text in templates[item.task]
@@ -68,6 +68,9 @@ def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_letter_is_the_label
       assert len(q.options) == 4 and len(set(q.options)) == 4
       truth = _truth(item.task, face.labels, q.answer)
       assert q.options[facexbench.LETTERS.index(q.correct)] == truth == q.answer
+      # The target names the option; the benchmark's extraction (its option-text rule, as no
+      # letter pattern matches) maps it to the right letter, whatever the order and distractors.
+      assert item.target == f" {q.answer}"
       assert facexbench.extract_answer(item.target, q.options) == q.correct
       letters[q.correct] += 1
   assert set(letters) == set(facexbench.LETTERS)  # options are shuffled
@@ -85,15 +88,43 @@ def test_mcq_items_are_deterministic_and_differ_per_round(world):
 
 def test_mcq_dataset_holds_items_beside_the_qa(world, tmp_path):
   root, faces = world
-  counts = mcq.write_dataset(faces[:5], str(tmp_path / "data"), seed=SEED, rounds=2, progress=False)
-  assert counts == {"mcq": 5 * 2 * len(mcq.TASKS), "qa": 0, "total": 5 * 2 * len(mcq.TASKS)}
+  counts = mcq.write_dataset(faces[:5], str(tmp_path / "data"), seed=SEED, rounds=2,
+                             with_cards=True, progress=False)
+  assert counts == {"mcq": 5 * 2 * len(mcq.TASKS), "qa": 0, "cards": 5,
+                    "total": 5 * 2 * len(mcq.TASKS) + 5}
   from facellm_jax.input import pipeline
 
   source = pipeline.open_tfds_source(tmp_path / "data")
   assert len(source) == counts["total"]
+  attributes = collections.Counter(pipeline._text(source[i]["attribute"]) for i in range(len(source)))
+  assert attributes[cards.ATTRIBUTE] == 5
+  assert sum(n for a, n in attributes.items() if a.startswith(mcq.ATTRIBUTE_PREFIX)) == counts["mcq"]
+  assert source[0]["image"].shape == (56, 56, 3)
+
+
+def test_a_card_names_every_benchmark_factor_in_the_option_words(world, tmp_path):
+  root, faces = world
+  for face in faces:
+    text = cards.card(face.labels)
+    for task in synth.BENCHMARK_TASKS:
+      # Every answer an MCQ about this face can have appears in its card, verbatim.
+      for item in mcq.face_mcqs(face.image_id, face.labels, SEED, tasks=[task], rounds=4):
+        assert item.question.answer in text, (task, item.question.answer, text)
+  labels = dict(faces[0].labels, age="20-29", gender="Female", eyeglasses="yes", facial_hair="none")
+  assert cards.card(labels).startswith("Age 20-29; Female; ")
+  assert "eyeglasses Yes; No facial hair;" in cards.card(labels)
+  with pytest.raises(ValueError, match="synthetic world's labels"):
+    cards.card({"age": "20-29", "gender": "Female", "race": "White"})
+  assert cards.main(["--labels", str(root / "faces" / "labels.csv"), "--images", str(root / "faces"),
+                     "--out", str(tmp_path / "cards"), "--no-progress"]) == 0
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
+
+  source = pipeline.open_tfds_source(tmp_path / "cards")
+  assert len(source) == len(faces)
   record = source[0]
-  assert pipeline._text(record["attribute"]).startswith(mcq.ATTRIBUTE_PREFIX)
-  assert record["image"].shape == (56, 56, 3)
+  assert pipeline._text(record["question"]) == cards.QUESTION
+  assert pipeline._text(record["answer"]) == cards.card(
+      next(f.labels for f in faces if f.image_id == pipeline._text(record["image_id"])))
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +146,11 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert report["total_questions"] == n
   correct = sum(c["correct"] for c in report["per_task_counts"].values())
   assert report["synth_mcq_accuracy"] == pytest.approx(correct / n)
-  assert set(report["timings"]) == {"synthesize", "generate", "mcq", "train", "evaluate", "chat",
-                                    "total"}
+  assert set(report["timings"]) == {"synthesize", "generate", "items", "pretrain", "train",
+                                    "evaluate", "chat", "total"}
   assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timings"].values())
   assert report["train"]["steps"] == demo.SMOKE.steps
+  assert report["pretrain"]["steps"] == demo.SMOKE.pretrain_steps
   assert isinstance(report["chat"]["answer"], str)
   assert report["chat"]["truth"]["gender"] in ("Male", "Female")
   # Every stage left its output.
@@ -128,10 +160,17 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert qa["written"] == demo.SMOKE.faces * len(demo.SMOKE.qa_attributes)
   assert report["data"] == {"faces": demo.SMOKE.faces, "benchmark_questions": n,
                             "qa_pairs": qa["written"], "mcq": demo.SMOKE.faces * len(mcq.TASKS),
-                            "qa": qa["written"], "total": qa["written"] + demo.SMOKE.faces * len(mcq.TASKS)}
+                            "qa": qa["written"], "cards": demo.SMOKE.faces,
+                            "total": qa["written"] + demo.SMOKE.faces * (len(mcq.TASKS) + 1),
+                            "vocab_size": report["data"]["vocab_size"]}
   predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()
   assert len(predictions) == n
   assert (workdir / "train" / "checkpoints").is_dir()
+  # The fine-tuning started from the pretraining's export, with the one shared tokenizer.
+  train_cfg = json.loads((workdir / "train" / "config.json").read_text())
+  assert train_cfg["model"]["hf_checkpoint"] == str(workdir / "pretrain" / "hf")
+  assert (workdir / "pretrain" / "hf" / "model.safetensors").is_file()
+  assert train_cfg["tokenizer"]["path"] == str(workdir / "tokenizer")
 
 
 def test_rerun_resumes_without_retraining(smoke, capsys):

@@ -1,0 +1,89 @@
+"""Attribute cards: one dense caption per synthetic face, for the demo's pretraining stage.
+
+A from-scratch vision tower learns to read a face only from targets that depend on the face. In
+an MCQ or a free-text answer most target tokens are predictable from the text alone (the format,
+the letter lookup, the phrasing), and a tiny model trained on them from scratch learns the text
+first and the face late: measured on the demo's benchmark, 1,500 steps of QA + MCQ left gender,
+expression and head pose at chance. A card states every benchmark factor in one short line, in
+the benchmark's own option words:
+
+  "Age 20-29; Female; Black; happy; head pose frontal; eyeglasses No; No facial hair; sharp;
+  JPEG quality high."
+
+so each example supervises all of them, and the same tiny model reads them all within a few
+hundred steps. The cards stand in for the pretraining an InternVL checkpoint already has; the
+FaceLLM stage (QA + MCQ) then starts from that checkpoint, as the paper's starts from InternVL3.
+
+`python -m data_gen cards --labels CSV --images ROOT --out OUT` writes a TFDS dataset (the
+`generate` format, attribute `card`), one record per face.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Mapping, Sequence
+
+from tqdm import tqdm
+
+from data_gen import fairface, synth, tfds_writer
+
+ATTRIBUTE = "card"
+QUESTION = "List the attributes of this face."
+SOURCE = "card"
+# The MCQ option words (data_gen.synth._question) for the label values that differ from them.
+_FACIAL_HAIR = {"none": "No facial hair", "beard": "Beard", "moustache": "Moustache"}
+_YES_NO = {"yes": "Yes", "no": "No"}
+
+
+def card(labels: Mapping[str, str]) -> str:
+  """The caption of one face: every benchmark factor, in a fixed order."""
+  try:
+    return (f"Age {labels['age']}; {labels['gender']}; {labels['race']}; {labels['expression']}; "
+            f"head pose {labels['head_pose']}; eyeglasses {_YES_NO[labels['eyeglasses']]}; "
+            f"{_FACIAL_HAIR[labels['facial_hair']]}; {labels['sharpness']}; "
+            f"JPEG quality {labels['jpeg_quality']}.")
+  except KeyError as e:
+    raise ValueError(f"a card needs the synthetic world's labels; {e} is missing or unknown "
+                     f"(write the faces with `python -m data_gen synth`)") from None
+
+
+def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, progress: bool = True) -> int:
+  """Writes one card per face as a TFDS dataset (all `train`); returns the record count."""
+  items = [tfds_writer.ImageQA(f.image_id, f.path, f.labels,
+                               [tfds_writer.QA(ATTRIBUTE, QUESTION, card(f.labels), SOURCE)])
+           for f in tqdm(faces, desc="cards", unit="face", disable=not progress)]
+  tfds_writer.write_dataset(out_dir, items, {i.image_id: "train" for i in items},
+                            description="Synthetic-face attribute cards (demo pretraining).")
+  return len(items)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  from data_gen.generate import OneLineParser  # pylint: disable=g-import-not-at-top
+
+  p = OneLineParser(prog="python -m data_gen cards", description=__doc__.split("\n")[0])
+  p.add_argument("--labels", required=True, help="label CSV with the synthetic world's columns")
+  p.add_argument("--images", required=True, help="image root; the CSV's `file` is relative")
+  p.add_argument("--out", required=True, help="output TFDS dataset directory")
+  p.add_argument("--no-progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from data_gen.generate import CliError  # pylint: disable=g-import-not-at-top
+
+  try:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
+    if not faces:
+      raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
+    lacking = [c for c in synth.CSV_COLUMNS if c != "file" and c not in faces[0].labels]
+    if lacking:
+      raise CliError(f"{args.labels}: cards need the synthetic world's label columns; missing "
+                     f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
+    count = write_dataset(faces, args.out, progress=not args.no_progress)
+  except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
+    print(f"cards: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {count} cards to {args.out}", file=sys.stderr)
+  return 0
