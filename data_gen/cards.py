@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
     if not faces:
       raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
-    lacking = [c for c in synth.CSV_COLUMNS if c != "file" and c not in faces[0].labels]
+    lacking = synth.missing_columns(faces[0].labels)
     if lacking:
       raise CliError(f"{args.labels}: cards need the synthetic world's label columns; missing "
                      f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")

@@ -119,8 +119,8 @@ def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0
                      f"{sorted(missing)[0]!r}; pass the CSV and image root it was generated from")
   tfds_writer.write_dataset(out_dir, items, {i.image_id: "train" for i in items},
                             description=f"Synthetic-face MCQ items ({', '.join(tasks)})"
-                            + (", attribute QA" if qa else "") + (", attribute cards" if with_cards else "")
-                            + ".")
+                            + (", attribute QA" if qa else "")
+                            + (", attribute cards" if with_cards else "") + ".")
   num_qa = sum(len(v) for v in qa.values())
   num_cards = len(faces) if with_cards else 0
   return {"mcq": num_mcq, "qa": num_qa, "cards": num_cards, "total": num_mcq + num_qa + num_cards}
@@ -135,7 +135,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="output TFDS dataset directory")
   p.add_argument("--qa", help="a `python -m data_gen generate` output to include")
   p.add_argument("--rounds", type=int, default=1, help="questions per (face, task)")
-  p.add_argument("--cards", action="store_true", help="add one attribute card per face (data_gen.cards)")
+  p.add_argument("--cards", action="store_true",
+                 help="add one attribute card per face (data_gen.cards)")
   p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true")
@@ -156,9 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.qa and not os.path.isfile(os.path.join(args.qa, "dataset_info.json")):
       raise CliError(f"--qa {args.qa} is not a dataset written by `python -m data_gen generate`")
     faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
-    columns = {c for f in faces[:1] for c in f.labels}
-    lacking = [c for c in synth.CSV_COLUMNS if c != "file" and c not in columns]
-    if faces and lacking:
+    lacking = synth.missing_columns(faces[0].labels) if faces else []
+    if lacking:
       raise CliError(f"{args.labels}: MCQ items need the synthetic world's label columns; missing "
                      f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
     if not faces:

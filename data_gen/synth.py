@@ -37,7 +37,7 @@ from data_gen.synth_render import (AGE_BINS, EXPRESSIONS, FACTOR_VALUES, GENDERS
                                    RACES, encode_jpeg, render_face)
 
 __all__ = ["CSV_COLUMNS", "VOCAB", "BENCHMARK_TASKS", "sample_labels", "face_rng", "render_face",
-           "render_jpeg", "write_dataset", "write_benchmark", "write_preview", "main"]
+           "render_jpeg", "missing_columns", "write_dataset", "write_benchmark", "write_preview", "main"]
 
 FAIRFACE_COLUMNS = ("file", "age", "gender", "race", "service_test")
 EXTRA_COLUMNS = ("expression", "head_pose", "roll", "eyes", "eyeglasses", "facial_hair",
@@ -97,6 +97,12 @@ def face_rng(seed: int, stream: str, index: int) -> np.random.Generator:
 def render_jpeg(labels: Mapping[str, object], size: int, rng: np.random.Generator) -> bytes:
   """The face's file bytes: rendered, then JPEG-encoded at its `jpeg_quality` label."""
   return encode_jpeg(render_face(labels, size, rng), str(labels["jpeg_quality"]))
+
+
+def missing_columns(labels: Mapping[str, object]) -> list[str]:
+  """The synthetic world's label columns a face's labels lack (a real FairFace CSV lacks the
+  extra ones); items built from the ground truth need them all."""
+  return [c for c in CSV_COLUMNS if c != "file" and c not in labels]
 
 
 def write_dataset(out_dir: str | Path, num: int, seed: int, size: int = 112,

@@ -195,10 +195,8 @@ def _tokenizer(workdir: Path, faces, vocab_size: int) -> dict[str, int]:
   out = workdir / "tokenizer"
   if not (out / "tokenizer.json").is_file():
     source = pipeline.open_tfds_source(workdir / "data")
-    text = pipeline._text  # pylint: disable=protected-access
     step = max(1, len(source) // 20_000)
-    texts = [f"{text(r['question'])}\n{text(r['answer'])}"
-             for r in (source[i] for i in range(0, len(source), step))]
+    texts = [pipeline.record_text(source[i]) for i in range(0, len(source), step)]
     texts += [f"{cards.QUESTION}\n{cards.card(f.labels)}" for f in faces[:2000]]
     tmp = workdir / ".tokenizer-tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -63,6 +63,11 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def record_text(record: Mapping[str, Any]) -> str:
+  """A record's question and answer as one text: what a tokenizer for this data is trained on."""
+  return f"{_text(record['question'])}\n{_text(record['answer'])}"
+
+
 def fit_example(ids: np.ndarray, loss_mask: np.ndarray, pixel_values: np.ndarray, *, seq_len: int,
                 image_token_id: int, num_image_tokens: int) -> dict[str, np.ndarray] | None:
   """Shifts a rendered conversation into (input, next-token target) pairs of at most `seq_len`.

@@ -90,8 +90,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, source, vo
     return tok_lib.load_tokenizer(out)
   # Trained in a temporary directory and renamed: an interrupted run leaves no half tokenizer.
   n = min(len(source), _TOKENIZER_TEXTS)
-  texts = (f"{pipeline._text(r['question'])}\n{pipeline._text(r['answer'])}"  # pylint: disable=protected-access
-           for r in (source[i] for i in range(n)))
+  texts = (pipeline.record_text(source[i]) for i in range(n))
   tmp = tempfile.mkdtemp(dir=workdir, prefix=".tokenizer-")
   tokenizer = tok_lib.train_tokenizer(texts, vocab_size, tmp)
   if jax.process_index() == 0:
