@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from facellm_jax.models.attention import Segments
 from facellm_jax.models.config import TextConfig
 from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, dense, init_keys, param
 
@@ -111,7 +112,7 @@ class LanguageModel(nnx.Module):
                cache_index: Array | None = None) -> tuple[Array, list[LayerCache] | None]:
     """x [B, T, D] embeddings -> final-normed hidden states [B, T, D] (and the updated cache).
 
-    Without a cache the attention is causal and `mask` ([B, 1, T, T] or None) only adds packing
+    Without a cache the attention is causal and `mask` (`Segments` or None) only adds packing
     boundaries; with one, `mask` [B, 1, T, S] alone says which cache slots each query sees.
     """
     new_cache = [] if cache is not None else None
@@ -133,11 +134,11 @@ class LanguageModel(nnx.Module):
     return [LayerCache(zeros(), zeros()) for _ in range(c.num_hidden_layers)]
 
 
-def segment_mask(segment_ids: Array | None) -> Array | None:
-  """[B, 1, T, T] boolean: query and key in the same packed segment (None: one sequence per row).
+def segment_mask(segment_ids: Array | None) -> Segments | None:
+  """The packing mask (query and key in the same segment) as `Segments` (None: one sequence per row).
 
   Causality is not in it: every forward without a cache is causal (see `attention`).
   """
   if segment_ids is None:
     return None
-  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  return Segments(segment_ids)

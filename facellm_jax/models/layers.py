@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from facellm_jax.models.attention import Segments, splash
+
 Array = jax.Array
 
 
@@ -157,16 +159,25 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}") from None
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array | None = None, implementation: str | None = None, *,
-              causal: bool = False) -> Array:
-  """Multi-head / grouped-query attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
+def attention(q: Array, k: Array, v: Array, mask: Array | Segments | None = None, implementation: str | None = None,
+              *, causal: bool = False) -> Array:
+  """Multi-head / grouped-query attention, the one door to every kernel. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
-  `mask` (boolean, broadcastable to [B,N,T,S]) keeps the True entries; `causal` also hides the
-  keys after each query (queries being the last T of the S positions), without a [T,S] mask
-  input: the XLA path compares iotas inside the softmax fusion and cuDNN skips masked blocks.
-  Softmax runs in float32; fully masked rows stay finite (the XLA path masks with a large
-  negative number), which keeps padded rows NaN-free in packed batches.
+  `mask` is a boolean array broadcastable to [B,N,T,S] (True = keep) or the `Segments` of packed
+  rows; `causal` also hides the keys after each query (queries being the last T of the S
+  positions), without a [T,S] mask input: the XLA path compares iotas inside the softmax fusion,
+  cuDNN and splash skip masked blocks. `implementation`: None/'xla', 'cudnn', 'splash' (TPU;
+  self-attention with `Segments` or no mask) or 'splash_interpret' (the same kernel in Pallas'
+  interpreter, for CPU tests); see `models/attention.py`. Softmax runs in float32; fully masked
+  rows stay finite (the XLA path masks with a large negative number), which keeps padded rows
+  NaN-free in packed batches.
   """
+  if implementation in ("splash", "splash_interpret"):
+    if mask is not None and not isinstance(mask, Segments):
+      raise ValueError("splash attention takes packing masks as Segments only (no KV-cache decoding)")
+    return splash(q, k, v, mask, causal=causal, interpret=implementation == "splash_interpret")
+  if isinstance(mask, Segments):
+    mask = mask.mask()
   if implementation not in (None, "xla"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
   b, t, n, h = q.shape
