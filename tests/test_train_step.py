@@ -3,11 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from facellm_jax.models import config as config_lib
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
+from facellm_jax.models.facellm import FaceLLM
 from facellm_jax.training import step as step_lib
 
 CONFIG = config_lib.FaceLLMConfig(
@@ -90,3 +92,34 @@ def test_lora_step_updates_only_adapters():
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)))
   assert any(np.abs(np.asarray(x)).sum() > 0 for path, x in jax.tree_util.tree_leaves_with_path(params)
              if "lora_b" in jax.tree_util.keystr(path))
+
+
+def _loss_and_grads(loss_chunk: int):
+  """Loss sum and gradients of every parameter (LM head included) of one float32 micro-batch."""
+  model = FaceLLM(CONFIG, rngs=nnx.Rngs(0))
+  mb = jax.tree.map(lambda x: jnp.asarray(x[0]), _batch(1, 3, seed=1))
+  grad_fn = nnx.grad(step_lib._micro_loss, has_aux=True)  # pylint: disable=protected-access
+  grads, total = nnx.jit(lambda m, mb: grad_fn(m, mb, jnp.float32(7.0), loss_chunk))(model, mb)
+  return float(total), grads
+
+
+@pytest.mark.parametrize("chunk", [5, 4])  # 12 tokens: 5 leaves a padded last chunk
+def test_chunked_loss_gives_the_same_loss_and_gradients(chunk):
+  whole, whole_grads = _loss_and_grads(0)
+  chunked, chunked_grads = _loss_and_grads(chunk)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(chunked_grads), jax.tree.leaves(whole_grads)):
+    scale = float(np.abs(np.asarray(w)).max()) + 1e-30
+    np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(w) / scale, rtol=0, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_on_random_logits():
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 10, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 30)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 30, (2, 10)))
+  mask = jnp.asarray(rng.random((2, 10)) < 0.5, jnp.float32)
+  plain = step_lib.masked_cross_entropy(hidden @ w, targets, mask)
+  chunked = step_lib.chunked_cross_entropy(lambda h: h @ w, hidden, targets, mask, 3)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-6)

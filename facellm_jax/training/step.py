@@ -2,7 +2,8 @@
 
 Loss: cross-entropy summed over the target (assistant) tokens of the whole optimizer step and
 divided by their number, so micro-batching, data parallelism and multi-host runs all give the
-same loss and gradient as one big batch. Gradients are taken only w.r.t. the trainable filter
+same loss and gradient as one big batch; the LM head and the loss run in sequence chunks
+(`chunked_cross_entropy`) so the [B, T, V] float32 logits never exist at once. Gradients are taken only w.r.t. the trainable filter
 (`nnx.DiffState`), accumulated over `grad_accum` micro-batches with `lax.scan` (one compiled
 body whatever the accumulation), clipped by global norm and applied by AdamW with warmup +
 cosine. The model computes in its `dtype` (bfloat16 for real runs) while the parameters and the
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from facellm_jax.models.config import FaceLLMConfig
+from facellm_jax.models.language import segment_mask
 from facellm_jax.models.lora import LoRAConfig, lora_param_count
 
 Array = jax.Array
@@ -82,6 +84,37 @@ def masked_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Ar
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def chunked_cross_entropy(logits_fn: Callable[[Array], Array], hidden: Array, targets: Array, mask: Array,
+                          chunk: int) -> tuple[Array, Array]:
+  """`masked_cross_entropy(logits_fn(hidden), ...)` without ever holding the [B, T, V] logits.
+
+  The LM head and the loss run over `chunk`-token slices of the sequence in a `lax.scan` whose
+  body is rematerialized (`jax.checkpoint`), so forward and backward each hold one [B, chunk, V]
+  float32 block; the price is the head's forward matmul once more in the backward. The
+  vocabulary of InternVL3 (151,674) makes the full logits 1.2 GB per 2048-token row in float32,
+  and the log-softmax and its gradient as much again. `chunk` <= 0 or >= T: one block.
+  """
+  b, t = targets.shape
+  if chunk <= 0 or chunk >= t:
+    return masked_cross_entropy(logits_fn(hidden), targets, mask)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:  # the padded tokens are masked out
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+  slices = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(h, tgt, m):
+    return masked_cross_entropy(logits_fn(h), tgt, m)[0]
+
+  def body(total, xs):
+    return total + one(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (slices(hidden), slices(targets), slices(mask)))
+  return total, jnp.sum(mask.astype(jnp.float32))
+
+
 def images_in_reading_order(pixels_per_row: Array, num_images: Array) -> Array:
   """[B, M, H, W, 3] per-row image slots -> [B*M, H, W, 3] with the real images first.
 
@@ -94,19 +127,22 @@ def images_in_reading_order(pixels_per_row: Array, num_images: Array) -> Array:
   return pixels_per_row.reshape(b * m, *pixels_per_row.shape[2:])[order]
 
 
-def _micro_loss(model: nnx.Module, mb: Batch, num_targets: Array) -> tuple[Array, Array]:
+def _micro_loss(model: nnx.Module, mb: Batch, num_targets: Array, loss_chunk: int) -> tuple[Array, Array]:
   pixels = images_in_reading_order(mb["pixel_values"], mb["num_images"])
-  logits = model(mb["input_ids"], pixels, positions=mb["positions"], segment_ids=mb["segment_ids"])
-  total, _ = masked_cross_entropy(logits, mb["targets"], mb["loss_mask"])
+  # The model's forward up to the final norm (its __call__ adds the LM head, for inference).
+  embeds = model.embed(mb["input_ids"], pixels)
+  hidden, _ = model.language(embeds, mb["positions"], segment_mask(mb["segment_ids"]))
+  total, _ = chunked_cross_entropy(model.language.logits, hidden, mb["targets"], mb["loss_mask"], loss_chunk)
   return total / num_targets, total
 
 
-def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter,
-                    schedule: optax.Schedule) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict]]:
+def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter, schedule: optax.Schedule, *,
+                    loss_chunk: int = 0) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict]]:
   """The pure step `(state, batch) -> (state, metrics)`.
 
   `batch` holds `grad_accum` stacked micro-batches: every field has a leading [A] axis, and
-  `pixel_values` is per row [A, B, M, H, W, 3] (see `images_in_reading_order`).
+  `pixel_values` is per row [A, B, M, H, W, 3] (see `images_in_reading_order`). `loss_chunk`:
+  tokens per row of each LM-head block (`chunked_cross_entropy`; 0 = the whole row at once).
   """
 
   def step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, Array]]:
@@ -120,7 +156,7 @@ def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter,
       # The model state rides in the carry (unchanged) so that its Variables are rebuilt at the
       # scan's trace level, where nnx.grad can take them.
       params, grads, loss_sum = carry
-      g, total = grad_fn(nnx.merge(model_def, params), mb, num_targets)
+      g, total = grad_fn(nnx.merge(model_def, params), mb, num_targets, loss_chunk)
       return (params, jax.tree.map(jnp.add, grads, g), loss_sum + total), None
 
     init = (model_state, zeros, jnp.zeros((), jnp.float32))
@@ -148,8 +184,17 @@ def batch_shardings(mesh: jax.sharding.Mesh, batch: Mapping[str, Any]) -> dict[s
 
 def jit_train_step(step: Callable, state_shardings: Any, batch_sharding: Any,
                    mesh: jax.sharding.Mesh) -> Callable:
-  """Compiles once: explicit shardings in and out, the state's buffers donated."""
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+  """Compiles once: explicit shardings in and out, the state's buffers donated.
+
+  The step is traced under the mesh (`use_abstract_mesh`) so that kernels XLA cannot partition
+  itself (splash attention) can run per shard with `shard_map`.
+  """
+
+  def step_on_mesh(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(state, batch)
+
+  return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
