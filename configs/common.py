@@ -149,6 +149,11 @@ def base_config(trainable: str) -> ml_collections.ConfigDict:
   cfg.train.max_grad_norm = 1.0
   cfg.train.trainable = trainable
   cfg.train.compute_dtype = "bfloat16"  # parameters and optimizer state stay float32
+  # The frozen base weights of a LoRA run: auto = bfloat16 on accelerators (as the paper's bf16
+  # run), float32 on CPU; adapters and optimizer state are float32 whatever this says.
+  cfg.train.base_dtype = "auto"
+  cfg.train.attention = "auto"  # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla | cudnn | splash
+  cfg.train.loss_chunk = 256  # tokens per row of each LM-head + loss block (0 = whole rows at once)
   cfg.train.seed = 0
   cfg.train.log_every = 10
 

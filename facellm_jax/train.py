@@ -3,6 +3,11 @@
 Overrides: `--config.train.num_steps=50`, `--config.mesh.shape.fsdp=2`, ... (ml_collections; an
 unknown key is a flag error). Rerunning with the same workdir resumes from its latest checkpoint.
 
+Compile-only (no TPU needed, libtpu installed: `pip install -e '.[tpu]'`): `--compile_only
+--topology=v5p-8 [--find_max_batch]` compiles the real train step for that TPU slice with abstract
+parameters and prints XLA's per-chip memory and FLOPs as one JSON line, last; nothing is read or
+written (`training/compile_only.py`).
+
 Multi-process (one process per host, or several on one machine for testing): pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or set the JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables); on TPU pods and SLURM,
@@ -11,6 +16,7 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables); on TPU pods and SLURM,
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -31,6 +37,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Compile the train step for --topology and print its memory/FLOPs as JSON; no training.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice for --compile_only: v5p-8, v5litepod-16, v6e-8, v5p:2x2x1, ...")
+_FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False,
+                                    "With --compile_only: search the largest rows per chip that fit (doubling, then bisection).")
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, checkpoint saved, rerun resumes.
 
@@ -52,6 +63,11 @@ def _run(argv: list[str]) -> int:
   if _CONFIG.value is None or not _WORKDIR.value:
     print("error: --config=configs/<name>.py and --workdir=DIR are required", file=sys.stderr)
     return 2
+  if _COMPILE_ONLY.value:
+    return _compile_only()
+  if _TOPOLOGY.value or _FIND_MAX_BATCH.value:
+    print("error: --topology and --find_max_batch only go with --compile_only", file=sys.stderr)
+    return 2
   _initialize_distributed()
   from facellm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top  (after jax setup)
   from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -65,6 +81,29 @@ def _run(argv: list[str]) -> int:
     logging.debug("training failed", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return 2
+  return 0
+
+
+def _compile_only() -> int:
+  if not _TOPOLOGY.value:
+    print("error: --compile_only needs --topology (e.g. v5p-8, v5litepod-16, v6e-8, v5p:2x2x1)", file=sys.stderr)
+    return 2
+  # Abstract TPU devices come from libtpu alone: jax must neither look for a local TPU nor ask a
+  # GCE metadata server, so its backends are the CPU only (before anything initializes them).
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_platforms", "cpu")
+  from facellm_jax.training import compile_only  # pylint: disable=g-import-not-at-top
+  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  try:
+    report = compile_only.run(_CONFIG.value, _TOPOLOGY.value, search=_FIND_MAX_BATCH.value)
+  except (compile_only.TopologyError, loop.ConfigError, ValueError) as e:
+    logging.debug("compile-only failed", exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(report), flush=True)
   return 0
 
 

@@ -64,9 +64,8 @@ def _block(length: int) -> int:
   return next(b for b in _SPLASH_BLOCKS if length % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(length: int, group: int, causal: bool, interpret: bool):
-  """One (query-group x length) MQA kernel; built in numpy at trace time, so cached."""
+  """One (query-group x length) MQA kernel; its block masks are built in numpy at trace time."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
 
   shape = (length, length)

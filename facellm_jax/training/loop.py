@@ -37,6 +37,7 @@ from tqdm import tqdm
 from facellm_jax import hf
 from facellm_jax.input import pipeline
 from facellm_jax.input import tokenizer as tok_lib
+from facellm_jax.models import attention as attention_lib
 from facellm_jax.models import config as config_lib
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
@@ -67,6 +68,12 @@ def lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
     return None
   return lora_lib.LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                              targets=tuple(cfg.lora.targets), modules=tuple(cfg.lora.modules))
+
+
+def optim_config(cfg: ml_collections.ConfigDict) -> step_lib.OptimConfig:
+  t = cfg.train
+  return step_lib.OptimConfig(learning_rate=t.learning_rate, num_steps=t.num_steps, warmup_ratio=t.warmup_ratio,
+                              schedule=t.schedule, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
 
 
 def _rows_per_process(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
@@ -100,21 +107,43 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, source, vo
   return tokenizer
 
 
+def base_dtype(cfg: ml_collections.ConfigDict, platform: str) -> jnp.dtype:
+  """`train.base_dtype` of the base weights: LoRA's frozen base may be bfloat16; trained weights stay float32."""
+  name = cfg.train.base_dtype
+  if name == "auto":
+    name = "bfloat16" if cfg.train.trainable == "lora" and platform != "cpu" else "float32"
+  if name not in _DTYPES:
+    raise ConfigError(f"train.base_dtype must be auto, float32 or bfloat16, got {name!r}")
+  if name == "bfloat16" and cfg.train.trainable != "lora":
+    raise ConfigError(f"train.base_dtype=bfloat16 is for LoRA runs (frozen base); train.trainable="
+                      f"{cfg.train.trainable!r} keeps float32 master weights")
+  return _DTYPES[name]
+
+
+def attention(cfg: ml_collections.ConfigDict, platform: str) -> str:
+  """`train.attention` resolved for `platform` (see `models/attention.py`)."""
+  try:
+    return attention_lib.resolve(cfg.train.attention, platform)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def build_model(cfg: ml_collections.ConfigDict, mc: config_lib.FaceLLMConfig,
                 mesh: jax.sharding.Mesh) -> nnx.Module:
-  dtype = _DTYPES[cfg.train.compute_dtype]
+  """The model on `mesh`, in the config's dtypes and attention kernel (random init, or the HF checkpoint)."""
+  platform = mesh.devices.flat[0].platform
+  dtype, base, impl = _DTYPES[cfg.train.compute_dtype], base_dtype(cfg, platform), attention(cfg, platform)
   lora = lora_config(cfg)
   path = cfg.model.get("hf_checkpoint", "")
   if not path:
-    return sharding.create_model(mc, mesh, seed=cfg.train.seed, dtype=dtype, param_dtype=jnp.float32,
-                                 lora=lora)
-  abstract = hf.abstract_model(mc, jnp.float32, dtype)
-  model, _ = hf.load_pretrained(path, jnp.float32, compute_dtype=dtype,
-                                shardings=sharding.state_shardings(abstract, mesh))
+    model = sharding.create_model(mc, mesh, seed=cfg.train.seed, dtype=dtype, param_dtype=base, lora=lora)
+    return attention_lib.set_attention(model, impl)
+  abstract = hf.abstract_model(mc, base, dtype)
+  model, _ = hf.load_pretrained(path, base, compute_dtype=dtype, shardings=sharding.state_shardings(abstract, mesh))
   if lora is not None:
     lora_lib.apply_lora(model, lora, nnx.Rngs(cfg.train.seed))
     sharding.shard_model(model, mesh)
-  return model
+  return attention_lib.set_attention(model, impl)
 
 
 def _global_batch(micro: list[dict[str, np.ndarray]], shardings: Mapping[str, Any],
@@ -199,6 +228,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
   wrt = lora_lib.trainable_filter(t.trainable)
   source = _check_dataset(cfg)
   mesh = sharding.make_mesh(dict(cfg.mesh.shape), devices)
+  base_dtype(cfg, mesh.devices.flat[0].platform)  # these two raise on bad values before the workdir is touched
+  attention(cfg, mesh.devices.flat[0].platform)
   rows = _rows_per_process(cfg, mesh)
   mc = model_config(cfg)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -223,9 +254,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
   iterator = iter(dataset)
 
   model = build_model(cfg, mc, mesh)
-  oc = step_lib.OptimConfig(learning_rate=t.learning_rate, num_steps=t.num_steps,
-                            warmup_ratio=t.warmup_ratio, schedule=t.schedule,
-                            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+  oc = optim_config(cfg)
   optimizer = nnx.Optimizer(model, step_lib.make_tx(oc), wrt=wrt)
   graphdef, state = nnx.split((model, optimizer))
   state_sh = sharding.state_shardings(state, mesh)
@@ -258,8 +287,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
   dummy = {k: None for k in ("input_ids", "targets", "loss_mask", "positions", "segment_ids",
                              "num_images", "pixel_values")}
   batch_sh = step_lib.batch_shardings(mesh, dummy)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, wrt, step_lib.learning_rate_schedule(oc)),
-                                       state_sh, batch_sh, mesh)
+  step_fn = step_lib.make_train_step(graphdef, wrt, step_lib.learning_rate_schedule(oc), loss_chunk=t.loss_chunk)
+  train_step = step_lib.jit_train_step(step_fn, state_sh, batch_sh, mesh)
   peak = step_lib.peak_flops(jax.devices()[0])
   flops = step_lib.train_flops_per_step(mc, rows=rows_global * t.grad_accum, seq_len=cfg.data.cutoff_len,
                                         images=rows_global * t.grad_accum, trainable=t.trainable,

@@ -1,0 +1,94 @@
+"""`train --compile_only`: the real train step compiled for an abstract TPU topology (libtpu, no TPU)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from facellm_jax import train
+from facellm_jax.training import compile_only
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# configs/tiny.py shrunk further so that each TPU compile takes seconds on the CI box.
+SMALL = ["--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1",
+         "--config.data.cutoff_len=128"]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is in the test extra: pip install -e '.[test]'")
+
+
+def _cli(capsys, workdir, *extra):
+  code = train.main(["train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}", "--compile_only",
+                     *extra])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.mark.parametrize("name, grid", [
+    ("v5p-8", "v5p:2x2x1"), ("v5p-16", "v5p:2x2x2"), ("v5p-32", "v5p:2x2x4"), ("v5p-64", "v5p:2x4x4"),
+    ("v5p-128", "v5p:4x4x4"), ("v5litepod-16", "v5e:4x4"), ("v5e-8", "v5e:2x4"), ("v5litepod-1", "v5e:1x1"),
+    ("v6e-8", "v6e:2x4"), ("v6e-256", "v6e:16x16"), ("v5p:2x2x1", "v5p:2x2x1"), ("v5litepod:2x2", "v5e:2x2")])
+def test_slice_names_map_to_cloud_tpu_chip_grids(name, grid):
+  assert compile_only.topology_name(name) == grid
+
+
+@pytest.mark.parametrize("name", ["v5p-7", "v5p-12", "v4-8", "v5e:2x2x1", "tpu", "v6e-2"])
+def test_unknown_slices_are_refused(name):
+  with pytest.raises(compile_only.TopologyError, match="--topology"):
+    compile_only.topology_name(name)
+
+
+def test_find_max_batch_doubles_then_bisects():
+  seen = []
+
+  def fits_up_to_11(rows):
+    seen.append(rows)
+    return {"rows_per_chip": rows, "fits": rows <= 11}
+
+  assert compile_only.find_max_batch(fits_up_to_11) == (11, [{"rows_per_chip": r, "fits": r <= 11} for r in seen])
+  assert seen == [1, 2, 4, 8, 16, 12, 10, 11]
+  assert compile_only.find_max_batch(lambda r: {"fits": False})[0] == 0
+
+
+def test_bad_topology_is_one_line_and_exit_2(capsys, tmp_path):
+  code, out, err = _cli(capsys, tmp_path / "w", "--topology=v5p-7")
+  assert code == 2 and out == "" and err.startswith("error: --topology='v5p-7'") and err.count("\n") == 1
+
+
+def test_missing_libtpu_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+  code, _, err = _cli(capsys, tmp_path / "w", "--topology=v5e-4")
+  assert code == 2 and "pip install -e '.[tpu]'" in err and err.count("\n") == 1
+
+
+@needs_libtpu
+def test_json_bytes_are_xla_memory_analysis_and_nothing_is_written(capsys, tmp_path):
+  code, out, _ = _cli(capsys, tmp_path / "w", "--topology=v5e:2x2", "--config.train.batch_size=8", *SMALL)
+  assert code == 0
+  report = json.loads(out.strip().splitlines()[-1])
+  assert not (tmp_path / "w").exists()
+  assert (report["chips"], report["device_kind"], report["mesh"]) == (4, "TPU v5 lite", {"data": 4, "fsdp": 1, "tensor": 1})
+  assert (report["rows_per_chip"], report["seq_len"], report["fits"]) == (2, 128, True)
+
+  # The same compile, here: its buffer assignment is what the JSON says.
+  cfg = train._CONFIG.value  # pylint: disable=protected-access  (the config the CLI call parsed)
+  lowered, _ = compile_only.lower_train_step(cfg, compile_only.topology_devices("v5e:2x2"), 2)
+  m = lowered.compile().memory_analysis()
+  b = report["bytes_per_chip"]
+  assert (b["arguments"], b["temporaries"]) == (m.argument_size_in_bytes, m.temp_size_in_bytes)
+  assert b["total"] == (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                        + m.temp_size_in_bytes)
+  assert 0 < b["total"] < report["hbm_per_chip"]
+  # Donation: the new state reuses the old state's buffers; only the metrics (scalars) are new.
+  assert b["aliased"] > 0.99 * b["outputs"] and b["outputs"] - b["aliased"] <= 8 * 1024
+  assert report["xla_flops_per_chip"] > 0 and report["model_flops_per_chip"] > 0
+
+
+@needs_libtpu
+def test_fits_turns_false_when_the_batch_is_too_large(capsys, tmp_path):
+  code, out, _ = _cli(capsys, tmp_path / "w", "--topology=v5e:2x2", "--config.train.batch_size=65536", *SMALL)
+  assert code == 0
+  report = json.loads(out.strip().splitlines()[-1])
+  assert report["rows_per_chip"] == 16384 and report["fits"] is False
+  assert "xla_message" in report or report["bytes_per_chip"]["total"] > report["hbm_per_chip"]
