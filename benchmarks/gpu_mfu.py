@@ -6,7 +6,7 @@
 
 Random weights, bf16 compute, rows of 2048 tokens each holding one 448 px image (256
 placeholders) and text, through the real jitted step of `training/step.py` (masked
-cross-entropy, gradients w.r.t. the trainable filter, global-norm clipping, AdamW; state
+cross-entropy in the size config's `train.loss_chunk` blocks, gradients w.r.t. the trainable filter, global-norm clipping, AdamW; state
 donated). LoRA rows are the paper's recipe: r=16 adapters (float32) on every linear of the
 language model over a frozen bfloat16 base; full rows keep float32 master weights and moments.
 Attention runs on cuDNN's flash kernel on GPUs (`--attention`), falling back to XLA's if cuDNN
@@ -48,8 +48,7 @@ from facellm_jax import hf
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
 from facellm_jax.models.config import FaceLLMConfig, from_config_dict
-from facellm_jax.models.language import Attention
-from facellm_jax.models.vision import VisionAttention
+from facellm_jax.models import attention as attention_lib
 from facellm_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -76,11 +75,16 @@ class Row:
     return f"{self.arch}:{self.mode}"
 
 
-def load_config(arch: str) -> FaceLLMConfig:
+def size_config(arch: str):
+  """The size file's whole ConfigDict (the model block and the training defaults, e.g. `train.loss_chunk`)."""
   spec = importlib.util.spec_from_file_location(ARCHS[arch], ROOT / "configs" / f"{ARCHS[arch]}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  block = module.get_config().model.to_dict()
+  return module.get_config()
+
+
+def load_config(arch: str) -> FaceLLMConfig:
+  block = size_config(arch).model.to_dict()
   block.pop("hf_checkpoint", None)
   return from_config_dict(block)
 
@@ -128,10 +132,7 @@ def fit_batch(need: int, temp: int, *, limit: int, max_batch: int) -> int:
 def _with_attention(graphdef: nnx.GraphDef, state: nnx.State, llm: str, vit: str) -> nnx.GraphDef:
   """The (model, optimizer) graphdef with the LLM's and the ViT's attention set to `llm` / `vit`."""
   model, optimizer = nnx.merge(graphdef, state)
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, (Attention, VisionAttention)):
-      impl = vit if isinstance(module, VisionAttention) else llm
-      module.attn_impl = None if impl == "xla" else impl
+  attention_lib.set_attention(model, llm, vit)
   return nnx.split((model, optimizer))[0]
 
 
@@ -167,7 +168,7 @@ def run_row(row: Row, a: argparse.Namespace) -> dict[str, Any]:
   del model, optimizer
   state_sh = sharding.state_shardings(state, mesh)
   out["init_s"] = round(time.perf_counter() - start, 1)
-  first = a.attention if a.attention != "auto" else ("cudnn" if dev.platform == "gpu" else "xla")
+  first = attention_lib.resolve(a.attention, dev.platform)
   # (LLM, ViT) attention to try in turn: cuDNN may reject the ViT's 1025 tokens, or everything.
   choices = [(first, first)] + ([("cudnn", "xla"), ("xla", "xla")] if first == "cudnn" else [])
 
@@ -177,7 +178,8 @@ def run_row(row: Row, a: argparse.Namespace) -> dict[str, Any]:
     batch = jax.device_put(host, batch_sh)
     while True:
       gdef = _with_attention(graphdef, state, *choices[0])
-      step = step_lib.make_train_step(gdef, wrt, step_lib.learning_rate_schedule(oc))
+      step = step_lib.make_train_step(gdef, wrt, step_lib.learning_rate_schedule(oc),
+                                      loss_chunk=size_config(row.arch).train.loss_chunk)
       try:
         return step_lib.jit_train_step(step, state_sh, batch_sh, mesh).lower(state, batch).compile(), batch
       except Exception as err:  # an attention kernel refused the shapes: try the next choice
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   parser.add_argument("--max-batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row after compiling")
-  parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
+  parser.add_argument("--attention", choices=attention_lib.IMPLEMENTATIONS, default="auto")
   parser.add_argument("--devices", type=int, default=0, help="use the first N devices (default all)")
   parser.add_argument("--row-timeout", type=int, default=300, help="seconds per row")
   parser.add_argument("--child", help=argparse.SUPPRESS)

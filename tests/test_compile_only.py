@@ -38,16 +38,28 @@ def test_unknown_slices_are_refused(name):
     compile_only.topology_name(name)
 
 
+def _fake_compile(seen, *, fixed, per_row, hbm):
+  def compile_rows(rows):
+    seen.append(rows)
+    total = fixed + per_row * rows + (rows > 20) * 7  # a little non-linear past 20 rows
+    return {"rows_per_chip": rows, "fits": total <= hbm, "bytes_per_chip": {"total": total}}
+  return compile_rows
+
+
 def test_find_max_batch_doubles_then_bisects():
   seen = []
-
-  def fits_up_to_11(rows):
-    seen.append(rows)
-    return {"rows_per_chip": rows, "fits": rows <= 11}
-
-  assert compile_only.find_max_batch(fits_up_to_11) == (11, [{"rows_per_chip": r, "fits": r <= 11} for r in seen])
-  assert seen == [1, 2, 4, 8, 16, 12, 10, 11]
+  best, tries = compile_only.find_max_batch(_fake_compile(seen, fixed=10, per_row=9, hbm=110))
+  assert best == 11 and seen == [1, 2, 4, 8, 16, 12, 10, 11] and [t["rows_per_chip"] for t in tries] == seen
   assert compile_only.find_max_batch(lambda r: {"fits": False})[0] == 0
+
+
+def test_find_max_batch_extrapolates_the_bytes_to_the_hbm():
+  seen = []
+  assert compile_only.find_max_batch(_fake_compile(seen, fixed=10, per_row=9, hbm=110), hbm=110)[0] == 11
+  assert seen == [1, 2, 11, 12]  # 10 + 9 * 11 = 109 fits, 12 does not
+  seen.clear()
+  assert compile_only.find_max_batch(_fake_compile(seen, fixed=0, per_row=4, hbm=100), hbm=100)[0] == 23
+  assert seen == [1, 2, 25, 24, 22, 23]  # 25 misses the non-linearity: down 1, 2 rows, then bisection
 
 
 def test_bad_topology_is_one_line_and_exit_2(capsys, tmp_path):

@@ -187,27 +187,40 @@ def _with_rows(cfg: ml_collections.ConfigDict, rows_per_chip: int, shards: int) 
   return out
 
 
-def find_max_batch(try_rows: Callable[[int], dict[str, Any]], start: int = 1,
+def find_max_batch(try_rows: Callable[[int], dict[str, Any]], *, hbm: float | None = None,
                    limit: int = 4096) -> tuple[int, list[dict[str, Any]]]:
-  """Largest rows per chip that fit: doubling from `start` until a try fails, then bisection.
+  """Largest rows per chip that fit: doubling from 1, then bisection between the last fit and the first failure.
 
-  Returns (best, every try in order); best is 0 when even `start` does not fit.
+  Each try is a full compile (minutes for the real sizes), so once two tries fit, the next is
+  the linear extrapolation of their `bytes_per_chip.total` to `hbm` instead of the next power
+  of two (XLA's bytes grow about linearly in the rows); below a failed extrapolation the tries
+  step down 1, 2, 4, ... rows until one fits, then bisect. Returns (best, every try in order); best is 0 when 1 does not fit.
   """
-  tries, fits, fails = [], 0, None
-  rows = start
+  tries: list[dict[str, Any]] = []
+  fit: list[tuple[int, int]] = []  # (rows, total bytes) of the tries that fit
+  fails, guessed, rows = None, False, 1
   while rows <= limit:
     tries.append(try_rows(rows))
     if not tries[-1]["fits"]:
       fails = rows
       break
-    fits, rows = rows, rows * 2
-  if fails is None:
-    return fits, tries
-  while fails - fits > 1 and fits > 0:
-    mid = (fits + fails) // 2
+    fit.append((rows, tries[-1].get("bytes_per_chip", {}).get("total", 0)))
+    guessed, rows = False, rows * 2
+    if hbm and len(fit) >= 2 and fit[-1][1] > fit[-2][1]:
+      (r1, b1), (r2, b2) = fit[-2:]
+      rows, guessed = max(r2 + 1, r2 + int((hbm - b2) // ((b2 - b1) / (r2 - r1)))), True
+  best, step = (fit[-1][0] if fit else 0), 1
+  while fails is not None and fails - best > 1 and best > 0:
+    if guessed:  # below a missed extrapolation: 1, 2, 4, ... rows down until one fits
+      mid, step = max(best + 1, fails - step), step * 2
+    else:
+      mid = (best + fails) // 2
     tries.append(try_rows(mid))
-    fits, fails = (mid, fails) if tries[-1]["fits"] else (fits, mid)
-  return fits, tries
+    if tries[-1]["fits"]:
+      best, guessed = mid, False
+    else:
+      fails = mid
+  return best, tries
 
 
 def run(cfg: ml_collections.ConfigDict, topology: str, *, search: bool = False,
@@ -233,7 +246,7 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, search: bool = False,
 
   if not search:
     return {**report, **one(micro // shards)}
-  best, tries = find_max_batch(one)
+  best, tries = find_max_batch(one, hbm=report["hbm_per_chip"])
   chosen = next((t for t in reversed(tries) if t["rows_per_chip"] == best), tries[0])
   return {**report, **chosen, "max_rows_per_chip": best,
           "tries": [{k: t.get(k) for k in ("rows_per_chip", "fits", "gib_per_chip", "compile_s")} for t in tries]}
