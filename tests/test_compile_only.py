@@ -104,3 +104,14 @@ def test_fits_turns_false_when_the_batch_is_too_large(capsys, tmp_path):
   report = json.loads(out.strip().splitlines()[-1])
   assert report["rows_per_chip"] == 16384 and report["fits"] is False
   assert "xla_message" in report or report["bytes_per_chip"]["total"] > report["hbm_per_chip"]
+
+
+def test_topology_without_compile_only_is_a_flag_error(capsys, tmp_path):
+  code = train.main(["train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={tmp_path / 'w'}", "--topology=v5p-8"])
+  err = capsys.readouterr().err
+  assert code == 2 and "only go with --compile_only" in err and not (tmp_path / "w").exists()
+
+
+def test_compile_only_without_topology_is_one_line_and_exit_2(capsys, tmp_path):
+  code, _, err = _cli(capsys, tmp_path / "w")
+  assert code == 2 and "--compile_only needs --topology" in err and err.count("\n") == 1

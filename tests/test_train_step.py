@@ -32,10 +32,19 @@ def test_masked_cross_entropy_sums_only_masked_tokens():
   assert float(count) == 3
 
 
-def test_images_in_reading_order_puts_real_images_first():
-  pixels = jnp.arange(3 * 2, dtype=jnp.float32).reshape(3, 2, 1, 1, 1)  # row r, slot m -> 2r + m
-  out = step_lib.images_in_reading_order(pixels, jnp.array([1, 2, 0]))
-  assert out.reshape(-1).tolist()[:3] == [0.0, 2.0, 3.0]
+def test_embed_rows_equals_the_models_reading_order_merge():
+  """Rows with 1, 2 and 0 images in 2 slots each: per-row merging gives FaceLLM.embed's embeddings."""
+  model = FaceLLM(CONFIG, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(10, 64, (3, 14)).astype(np.int32)
+  ids[0, 1:5] = 5
+  ids[1, 1:5] = ids[1, 8:12] = 5  # two images in row 1
+  pixels = rng.normal(size=(3, 2, 56, 56, 3)).astype(np.float32)
+  pixels[0, 1] = pixels[2] = 0.0  # empty slots
+  reading_order = np.concatenate([pixels[0, :1], pixels[1, :2]])
+  want = model.embed(jnp.asarray(ids), jnp.asarray(reading_order))
+  got = step_lib.embed_rows(model, jnp.asarray(ids), jnp.asarray(pixels))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_warmup_then_cosine_schedule():

@@ -115,22 +115,28 @@ def chunked_cross_entropy(logits_fn: Callable[[Array], Array], hidden: Array, ta
   return total, jnp.sum(mask.astype(jnp.float32))
 
 
-def images_in_reading_order(pixels_per_row: Array, num_images: Array) -> Array:
-  """[B, M, H, W, 3] per-row image slots -> [B*M, H, W, 3] with the real images first.
+def embed_rows(model: nnx.Module, input_ids: Array, pixels_per_row: Array) -> Array:
+  """Input embeddings [B, T, D] with each row's images merged into that row's own placeholders.
 
-  The model takes the batch's images in order of appearance; keeping them per row until here
-  lets the rows (and their images) be sharded and assembled across processes like any array.
+  `FaceLLM.embed` takes the batch's images in reading order and indexes them by a cumulative
+  count over the whole batch: a gather across rows that XLA cannot keep sharded, so every chip
+  ran the vision tower on the images of the global batch (the TPU buffer assignment held
+  [global images, heads, 1025, 1025] scores on each chip). Here the images stay in their rows'
+  M slots [B, M, H, W, 3], real ones first as the pipeline fills them, and a row's i-th
+  placeholder takes the i-th image token of its own slots: the same embeddings, sharded by row.
   """
   b, m = pixels_per_row.shape[:2]
-  real = jnp.arange(m)[None, :] < num_images[:, None]
-  order = jnp.argsort(jnp.logical_not(real).reshape(-1), stable=True)
-  return pixels_per_row.reshape(b * m, *pixels_per_row.shape[2:])[order]
+  text = model.language.embed_tokens(input_ids)
+  images = model.encode_images(pixels_per_row.reshape(b * m, *pixels_per_row.shape[2:]))  # [B*M, L, D]
+  images = images.reshape(b, m * images.shape[1], images.shape[-1]).astype(text.dtype)
+  is_image = input_ids == model.config.image_token_id
+  index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, images.shape[1] - 1)
+  return jnp.where(is_image[..., None], jnp.take_along_axis(images, index[..., None], axis=1), text)
 
 
 def _micro_loss(model: nnx.Module, mb: Batch, num_targets: Array, loss_chunk: int) -> tuple[Array, Array]:
-  pixels = images_in_reading_order(mb["pixel_values"], mb["num_images"])
   # The model's forward up to the final norm (its __call__ adds the LM head, for inference).
-  embeds = model.embed(mb["input_ids"], pixels)
+  embeds = embed_rows(model, mb["input_ids"], mb["pixel_values"])
   hidden, _ = model.language(embeds, mb["positions"], segment_mask(mb["segment_ids"]))
   total, _ = chunked_cross_entropy(model.language.logits, hidden, mb["targets"], mb["loss_mask"], loss_chunk)
   return total / num_targets, total
@@ -141,7 +147,7 @@ def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter, schedule:
   """The pure step `(state, batch) -> (state, metrics)`.
 
   `batch` holds `grad_accum` stacked micro-batches: every field has a leading [A] axis, and
-  `pixel_values` is per row [A, B, M, H, W, 3] (see `images_in_reading_order`). `loss_chunk`:
+  `pixel_values` is per row [A, B, M, H, W, 3] (see `embed_rows`). `loss_chunk`:
   tokens per row of each LM-head block (`chunked_cross_entropy`; 0 = the whole row at once).
   """
 
