@@ -40,9 +40,10 @@ from facellm_jax.training import step as step_lib
 GiB = 2**30
 # Cloud TPU slice kind -> (libtpu's name, TensorCores per chip counted in slice names, grid rank).
 _KINDS = {"v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
-# HBM per chip by `device_kind` (abstract devices have no memory_stats): v5e 16 GiB, v5p 95 GiB,
-# v6e 32 GiB. The values are the limits XLA's own out-of-memory messages quote for these chips.
-HBM_BYTES = {"TPU v5 lite": 16 * GiB, "TPU v5": int(95.74 * GiB), "TPU v6 lite": 31.25 * GiB}
+# HBM per chip XLA may use, by `device_kind` (abstract devices have no memory_stats): the
+# "available HBM" its out-of-memory errors quote for these chips (v5e 16 GiB, v5p 96 GiB and v6e
+# 32 GiB less what the runtime keeps).
+HBM_BYTES = {"TPU v5 lite": int(15.75 * GiB), "TPU v5": int(95.74 * GiB), "TPU v6 lite": int(31.25 * GiB)}
 
 
 class TopologyError(ValueError):
