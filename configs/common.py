@@ -153,7 +153,9 @@ def base_config(trainable: str) -> ml_collections.ConfigDict:
   # run), float32 on CPU; adapters and optimizer state are float32 whatever this says.
   cfg.train.base_dtype = "auto"
   cfg.train.attention = "auto"  # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla | cudnn | splash
-  cfg.train.loss_chunk = 256  # tokens per row of each LM-head + loss block (0 = whole rows at once)
+  # Tokens per device of each LM-head + cross-entropy block: 1024 x 151674 float32 logits = 0.58 GiB
+  # (InternVL3's vocabulary); 0 = whole rows at once ([rows, 2048, vocab] float32).
+  cfg.train.loss_chunk = 1024
   cfg.train.seed = 0
   cfg.train.log_every = 10
 

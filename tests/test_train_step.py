@@ -112,7 +112,7 @@ def _loss_and_grads(loss_chunk: int):
   return float(total), grads
 
 
-@pytest.mark.parametrize("chunk", [5, 4])  # 12 tokens: 5 leaves a padded last chunk
+@pytest.mark.parametrize("chunk", [15, 12])  # per device; 3 rows of 12 tokens: blocks of 5 (one padded) and 4 per row
 def test_chunked_loss_gives_the_same_loss_and_gradients(chunk):
   whole, whole_grads = _loss_and_grads(0)
   chunked, chunked_grads = _loss_and_grads(chunk)

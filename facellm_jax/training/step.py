@@ -134,11 +134,20 @@ def embed_rows(model: nnx.Module, input_ids: Array, pixels_per_row: Array) -> Ar
   return jnp.where(is_image[..., None], jnp.take_along_axis(images, index[..., None], axis=1), text)
 
 
+def rows_per_device(rows: int) -> int:
+  """Rows of a global batch that one device holds: split over data x fsdp of the mesh being traced under."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+    return rows
+  return max(rows // (mesh.shape["data"] * mesh.shape["fsdp"]), 1)
+
+
 def _micro_loss(model: nnx.Module, mb: Batch, num_targets: Array, loss_chunk: int) -> tuple[Array, Array]:
   # The model's forward up to the final norm (its __call__ adds the LM head, for inference).
   embeds = embed_rows(model, mb["input_ids"], mb["pixel_values"])
   hidden, _ = model.language(embeds, mb["positions"], segment_mask(mb["segment_ids"]))
-  total, _ = chunked_cross_entropy(model.language.logits, hidden, mb["targets"], mb["loss_mask"], loss_chunk)
+  per_row = max(loss_chunk // rows_per_device(hidden.shape[0]), 1) if loss_chunk > 0 else 0
+  total, _ = chunked_cross_entropy(model.language.logits, hidden, mb["targets"], mb["loss_mask"], per_row)
   return total / num_targets, total
 
 
@@ -148,7 +157,9 @@ def make_train_step(graphdef: nnx.GraphDef, wrt: nnx.filterlib.Filter, schedule:
 
   `batch` holds `grad_accum` stacked micro-batches: every field has a leading [A] axis, and
   `pixel_values` is per row [A, B, M, H, W, 3] (see `embed_rows`). `loss_chunk`:
-  tokens per row of each LM-head block (`chunked_cross_entropy`; 0 = the whole row at once).
+  tokens per device of each LM-head + loss block (`chunked_cross_entropy`, over
+  `loss_chunk / rows per device` tokens of each row; 0 = whole rows at once), so the block's
+  [tokens, vocab] float32 buffers stay the same size whatever the batch.
   """
 
   def step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, Array]]:
