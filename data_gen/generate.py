@@ -23,6 +23,7 @@ from typing import Sequence
 import tqdm
 
 from data_gen import fairface, prompts, tfds_writer
+from data_gen.cli import OUTPUT_MARKERS, CliError, OneLineParser, check_out_dir
 from data_gen.backends.base import Backend, Request, Result
 from data_gen.backends.offline import OfflineBackend
 from data_gen.journal import Journal
@@ -30,29 +31,6 @@ from data_gen.journal import Journal
 DEFAULT_MODEL = "gpt-4o-2024-11-20"
 JOURNAL_FILE = os.path.join(".journal", "journal.sqlite")
 _BATCH_PRICED = {"openai": False, "openai-batch": True}  # backend -> billed at Batch price
-
-
-class CliError(Exception):
-  """Bad input: reported as one line on stderr with a non-zero exit, before OUT is touched."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-  """argparse, but a usage error is a single line (the commands' error convention)."""
-
-  def error(self, message: str):
-    raise CliError(f"{message} (see `{self.prog} --help`)")
-
-
-def check_out_dir(out: str) -> None:
-  """OUT may be new, empty, or a previous output of ours; anything else is left alone."""
-  if not os.path.exists(out):
-    return
-  if not os.path.isdir(out):
-    raise CliError(f"--out {out} exists and is not a directory")
-  entries = set(os.listdir(out))
-  if entries and not entries & {".journal", "dataset_info.json", "report.json"}:
-    raise CliError(f"--out {out} is a non-empty directory that is not a data_gen output;"
-                   " choose a new or empty directory")
 
 
 def build_requests(faces: Sequence[fairface.Face], attributes: Sequence[str],
@@ -267,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        " environment variable")
     prompt_set = prompts.load_prompts(args.prompts)
     attributes = prompts.parse_attributes(args.attributes)
-    check_out_dir(args.out)
+    check_out_dir(args.out, resumable=OUTPUT_MARKERS)
     faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
     if args.limit is not None:
       faces = faces[:args.limit]

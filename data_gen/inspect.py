@@ -17,7 +17,7 @@ from typing import Sequence
 
 import tensorflow_datasets as tfds
 
-from data_gen.generate import CliError, OneLineParser
+from data_gen.cli import CliError, OneLineParser
 
 
 def summarize(out: str, samples: int = 2) -> dict[str, object]:

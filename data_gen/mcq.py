@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_gen import cards, fairface, synth, tfds_writer
+from data_gen.cli import CliError, OneLineParser, check_out_dir
 from facellm_jax.evaluation import facexbench
 
 TASKS = tuple(synth.BENCHMARK_TASKS)
@@ -127,8 +128,6 @@ def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  from data_gen.generate import OneLineParser  # pylint: disable=g-import-not-at-top
-
   p = OneLineParser(prog="python -m data_gen mcq", description=__doc__.split("\n")[0])
   p.add_argument("--labels", required=True, help="label CSV with the synthetic world's columns")
   p.add_argument("--images", required=True, help="image root; the CSV's `file` is relative")
@@ -144,10 +143,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from data_gen.generate import CliError  # pylint: disable=g-import-not-at-top
-
   try:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    check_out_dir(args.out)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:

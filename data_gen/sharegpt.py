@@ -20,7 +20,7 @@ from typing import Sequence
 import tqdm
 
 from data_gen import fairface, prompts, tfds_writer
-from data_gen.generate import CliError, OneLineParser, check_out_dir
+from data_gen.cli import CliError, OneLineParser, check_out_dir
 
 SOURCE = "sharegpt"
 _USER_ROLES = ("human", "user")

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from data_gen.cli import CliError, OneLineParser, check_out_dir
 from data_gen.synth_render import (AGE_BINS, EXPRESSIONS, FACTOR_VALUES, GENDERS, HEAD_POSES,
                                    RACES, encode_jpeg, render_face)
 
@@ -296,23 +297,13 @@ def write_preview(csv_path: str | Path, out_path: str | Path, cols: int = 8, row
 
 
 # ----------------------------------------------------------------------------- CLI
-class _UsageError(Exception):
-  pass
-
-
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):
-    raise _UsageError(message)
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = _Parser(prog="python -m data_gen synth",
-              description="Render synthetic faces with ground truth (FairFace layout) and an "
-                          "optional held-out FaceXBench-style benchmark.")
+  p = OneLineParser(prog="python -m data_gen synth",
+                    description="Render synthetic faces with ground truth (FairFace layout) and an "
+                                "optional held-out FaceXBench-style benchmark.")
   p.add_argument("--out", required=True, type=Path, help="dataset folder (labels.csv, train/)")
   p.add_argument("--num", required=True, type=int, help="number of faces in the dataset")
-  p.add_argument("--seed", required=True, type=int, help="same seed, same bytes")
+  p.add_argument("--seed", required=True, type=int, help="same seed, same bytes (>= 0)")
   p.add_argument("--split", default="train", help="image subfolder and `file` prefix")
   p.add_argument("--benchmark-out", type=Path, help="folder for the held-out benchmark")
   p.add_argument("--benchmark-num", type=int, help="questions per benchmark task (default 50)")
@@ -320,24 +311,26 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--preview", type=Path, help="write a contact sheet PNG of the first faces")
   args = p.parse_args(argv)
   if args.num < 1:
-    raise _UsageError(f"--num must be at least 1, got {args.num}")
+    raise CliError(f"--num must be at least 1, got {args.num}")
+  if args.seed < 0:
+    raise CliError(f"--seed must be a non-negative integer (numpy seeds are), got {args.seed}")
   if not 32 <= args.size <= 1024:
-    raise _UsageError(f"--size must be between 32 and 1024 pixels, got {args.size}")
+    raise CliError(f"--size must be between 32 and 1024 pixels, got {args.size}")
   if not args.split or not args.split.replace("_", "").replace("-", "").isalnum():
-    raise _UsageError(f"--split must be a plain folder name like 'train', got {args.split!r}")
+    raise CliError(f"--split must be a plain folder name like 'train', got {args.split!r}")
   if args.benchmark_num is not None and args.benchmark_out is None:
-    raise _UsageError("--benchmark-num needs --benchmark-out DIR2")
+    raise CliError("--benchmark-num needs --benchmark-out DIR2")
   if args.benchmark_out is not None:
     args.benchmark_num = 50 if args.benchmark_num is None else args.benchmark_num
     if args.benchmark_num < 1:
-      raise _UsageError(f"--benchmark-num must be at least 1, got {args.benchmark_num}")
+      raise CliError(f"--benchmark-num must be at least 1, got {args.benchmark_num}")
     if args.benchmark_out.resolve() == args.out.resolve():
-      raise _UsageError("--benchmark-out must differ from --out (the benchmark is held out)")
+      raise CliError("--benchmark-out must differ from --out (the benchmark is held out)")
   for flag, path in (("--out", args.out), ("--benchmark-out", args.benchmark_out)):
-    if path is not None and path.exists() and not path.is_dir():
-      raise _UsageError(f"{flag} {path} exists and is not a folder")
+    if path is not None:
+      check_out_dir(str(path), flag)
   if args.preview is not None and args.preview.suffix.lower() != ".png":
-    raise _UsageError(f"--preview must be a .png file, got {args.preview}")
+    raise CliError(f"--preview must be a .png file, got {args.preview}")
   return args
 
 
@@ -345,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     args = _parse(argv)
-  except _UsageError as e:
+  except CliError as e:
     print(f"synth: error: {e}", file=sys.stderr)
     return 2
   try:
