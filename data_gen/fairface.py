@@ -16,6 +16,8 @@ from typing import Sequence
 from PIL import Image
 import tqdm
 
+from facellm_jax.input import image as image_lib
+
 AGE_BINS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")
 GENDERS = ("Male", "Female")
 RACES = ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian",
@@ -59,7 +61,7 @@ def check_image(path: str) -> str | None:
     return "image file not found"
   try:
     with Image.open(path) as image:
-      image.load()
+      image_lib.rgb_image(image)  # the decode every later reader uses
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     return f"unreadable image ({type(e).__name__}: {e})"
   return None

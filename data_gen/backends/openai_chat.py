@@ -31,6 +31,7 @@ import openai
 from PIL import Image
 
 from data_gen.backends.base import Emit, MetaStore, Request, Result
+from facellm_jax.input import image as image_lib
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _as_jpeg(data: bytes, max_side: int | None) -> bytes:
     too_big = max_side is not None and max(image.size) > max_side
     if data[:3] == _JPEG_MAGIC and not too_big:
       return data
-    image = image.convert("RGB")
+    image = image_lib.rgb_image(image)
     if too_big:
       image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
