@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data_gen.cli import CliError, OneLineParser, check_out_dir
 from data_gen.synth_render import (AGE_BINS, EXPRESSIONS, FACTOR_VALUES, GENDERS, HEAD_POSES,
                                    RACES, encode_jpeg, render_face)
+from facellm_jax.input import image as image_lib
 
 __all__ = ["CSV_COLUMNS", "VOCAB", "BENCHMARK_TASKS", "sample_labels", "face_rng", "render_face",
            "render_jpeg", "missing_columns", "write_dataset", "write_benchmark", "write_preview", "main"]
@@ -287,7 +288,7 @@ def write_preview(csv_path: str | Path, out_path: str | Path, cols: int = 8, row
   for k, row in enumerate(entries):
     x, y = pad + (k % cols) * (tile + pad), pad + (k // cols) * cell_h
     with Image.open(csv_path.parent / row["file"]) as face:
-      sheet.paste(face.convert("RGB").resize((tile, tile)), (x, y))
+      sheet.paste(image_lib.rgb_image(face).resize((tile, tile)), (x, y))
     for j, line in enumerate(_caption(row)):
       draw.text((x, y + tile + j * line_h), line, fill=(20, 20, 20), font=font)
   out_path = Path(out_path)
