@@ -1,7 +1,7 @@
 """FairFace label CSV + image root -> the faces a generation run may send.
 
-A bad row (unknown label value, missing or unreadable image, a path that leaves the root) is
-reported with its line number and skipped: one broken crop must not cost a 10,954-image run. A
+A bad row (unknown label value, missing or unreadable image, a path that leaves the root as
+written or through a symlink) is reported with its line number and skipped: one broken crop must not cost a 10,954-image run. A
 wrong header is different: it means the file is not a FairFace label file at all, so it is an
 error before any request is made.
 """
@@ -53,6 +53,20 @@ def safe_relative_path(name: str) -> bool:
   if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in name[:2]:
     return False
   return ".." not in name.replace("\\", "/").split("/")
+
+
+def image_problem(root: str, name: str, decode: bool = True) -> str | None:
+  """Why image `name` (relative to `root`) may not be used, or None. Every importer and the label
+  reader check image paths here: the name must stay inside the root as written and once symlinks
+  are resolved (an outside file would be trained on, or uploaded to the API), and with `decode`
+  the file must decode fully."""
+  if not safe_relative_path(name):
+    return f"file {name!r} must be a relative path inside the image root"
+  path = os.path.join(root, name)
+  real_root, real = os.path.realpath(root), os.path.realpath(path)
+  if os.path.commonpath([real_root, real]) != real_root:
+    return f"{name} resolves to {real}, outside the image root {real_root} (a symlink?)"
+  return check_image(path) if decode else None
 
 
 def check_image(path: str) -> str | None:
@@ -110,8 +124,7 @@ def read_labels(csv_path: str, image_root: str, check_images: bool = True,
     if reason is None:
       labels = {k: v.strip() for k, v in zip(header, row) if k != "file"}
       face = Face(line, image_id, os.path.join(root, image_id), labels)
-      if check_images:
-        reason = check_image(face.path)
+      reason = image_problem(root, image_id, decode=check_images)
     if reason is None:
       seen[image_id] = line
       faces.append(face)
@@ -124,8 +137,6 @@ def _row_problem(row: Sequence[str], header: Sequence[str], seen: dict[str, int]
   if len(row) != len(header):
     return f"expected {len(header)} fields, found {len(row)}"
   values = dict(zip(header, (v.strip() for v in row)))
-  if not safe_relative_path(values["file"]):
-    return f"file {values['file']!r} must be a relative path inside the image root"
   if values["file"] in seen:
     return f"duplicate of line {seen[values['file']]}"
   for column, vocab in _VOCAB.items():

@@ -95,7 +95,7 @@ def import_pairs(pairs: Sequence[Pair], image_root: str, labels: dict[str, dict[
   for image_id, qa in tqdm.tqdm(grouped.items(), desc="checking images", unit="img",
                                 disable=not progress, leave=False):
     path = os.path.join(root, image_id)
-    reason = fairface.check_image(path)
+    reason = fairface.image_problem(root, image_id)
     if reason:
       bad.append({"entry": first_entry[image_id], "file": image_id, "reason": reason})
     else:

@@ -116,3 +116,17 @@ def test_malformed_file_is_a_one_line_error(tmp_path, capsys, content, message):
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1
   assert not (tmp_path / "out").exists()
+
+
+def test_an_entry_whose_image_is_a_symlink_out_of_the_root_is_skipped(fairface, tmp_path):
+  (tmp_path / "private").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "private" / "secret.png")
+  (fairface / "img" / "val" / "5.jpg").symlink_to(tmp_path / "private" / "secret.png")
+  entries = json.loads((fairface / "dataset.json").read_text())
+  entries.append({"image": "val/5.jpg", "conversations": _turns(("<image>Hi", "Hello"))})
+  (fairface / "dataset.json").write_text(json.dumps(entries))
+  out = tmp_path / "out"
+  assert sharegpt.main(_argv(fairface, out)) == 0
+  report = json.loads((out / "report.json").read_text())
+  bad = {b["file"]: b["reason"] for b in report["bad_images"]}
+  assert "outside the image root" in bad["val/5.jpg"] and report["written"] == 5
