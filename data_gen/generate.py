@@ -5,6 +5,12 @@ writing anything, sends each (image, attribute) at most once per run, journals e
 before counting it (so `kill -9` loses only in-flight requests), resumes from the journal, and
 only then writes the dataset and OUT/report.json. The API key comes from OPENAI_API_KEY alone
 and is scrubbed from anything a backend hands back.
+
+A journaled answer is reused only if it was made from what this run would send (the backend's
+`answer_inputs`: labels in the prompt, prompt text, model, image bytes). One made from anything
+else (a label fixed in the CSV, a new --prompts file, another --model) is stale: `--stale redo`
+(the default) asks again and counts it as `redone`; `--stale refuse` stops before any request.
+A stale answer never reaches the dataset.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import tqdm
 
 from data_gen import fairface, prompts, tfds_writer
 from data_gen.cli import OUTPUT_MARKERS, CliError, OneLineParser, check_out_dir
-from data_gen.backends.base import Backend, Request, Result
+from data_gen.backends.base import Backend, Request, Result, fingerprint, request_inputs
 from data_gen.backends.offline import OfflineBackend
 from data_gen.journal import Journal
 
@@ -41,6 +47,12 @@ def build_requests(faces: Sequence[fairface.Face], attributes: Sequence[str],
           for face in faces for attribute in attributes]
 
 
+def fingerprinted(requests: Sequence[Request], backend: Backend) -> list[Request]:
+  """The requests, each with the fingerprint of what `backend`'s answer to it is made from."""
+  inputs_of = getattr(backend, "answer_inputs", request_inputs)
+  return [dataclasses.replace(r, inputs=fingerprint(inputs_of(r))) for r in requests]
+
+
 @dataclasses.dataclass
 class RunOptions:
   out: str
@@ -51,6 +63,7 @@ class RunOptions:
   model: str | None = None  # for the cost estimate; None for backends that cost nothing
   secret: str | None = None  # scrubbed from every result before it is journaled
   progress: bool = True
+  stale: str = "redo"  # a journaled answer made from other inputs: "redo" or "refuse"
 
 
 def run(faces: Sequence[fairface.Face], bad_rows: Sequence[fairface.BadRow],
@@ -59,13 +72,22 @@ def run(faces: Sequence[fairface.Face], bad_rows: Sequence[fairface.BadRow],
   start = time.time()
   os.makedirs(os.path.join(options.out, ".journal"), exist_ok=True)
   with _exclusive(options.out), Journal(os.path.join(options.out, JOURNAL_FILE)) as journal:
-    requests = build_requests(faces, options.attributes, options.prompt_set)
-    final = journal.final_keys()
-    pending = [r for r in requests if r.key not in final]
+    requests = fingerprinted(build_requests(faces, options.attributes, options.prompt_set),
+                             backend)
+    made_from = journal.final_inputs()
+    pending = [r for r in requests if r.key not in made_from or made_from[r.key] != r.inputs]
+    stale = [r for r in pending if r.key in made_from]
+    if stale and options.stale == "refuse":
+      raise CliError(f"{len(stale)} journaled answer(s) in {options.out} were made from other"
+                     " inputs than this run's (a label, the prompts, the model or the image"
+                     f" changed; first: {stale[0].image_id} {stale[0].attribute}); rerun with"
+                     " --stale redo to ask again")
     run_counts = asyncio.run(_answer(backend, pending, journal, options))
     keys = [r.key for r in requests]
     totals = journal.summary(keys)
-    answers = {(r["image_id"], r["attribute"]): r for r in journal.rows("ok")}
+    inputs = {r.key: r.inputs for r in requests}
+    answers = {key: r for r in journal.rows("ok")
+               if inputs.get(key := (r["image_id"], r["attribute"])) == r["inputs"]}
     items = []
     for face in faces:
       qa = [tfds_writer.QA(a, options.prompt_set.question[a], answers[k]["answer"],
@@ -86,6 +108,7 @@ def run(faces: Sequence[fairface.Face], bad_rows: Sequence[fairface.BadRow],
       "backend": backend.name, "model": options.model, "images": len(faces),
       "attributes": list(options.attributes), "expected": len(requests),
       "already_done": len(requests) - len(pending), "requested": len(pending),
+      "redone": len(stale),
       "written": written, "refused": totals["refused"], "failed": totals["failed"],
       "unanswered": len(requests) - written - totals["refused"] - totals["failed"],
       "splits": splits, "prompt_tokens": totals["prompt_tokens"],
@@ -102,18 +125,18 @@ async def _answer(backend: Backend, pending: Sequence[Request], journal: Journal
   """Runs the backend; each result is journaled (durably) before it is counted."""
   counts = {"requested": len(pending), "ok": 0, "refused": 0, "failed": 0,
             "prompt_tokens": 0, "completion_tokens": 0}
-  waiting = {r.key for r in pending}
+  waiting = {r.key: r.inputs for r in pending}
   bar = tqdm.tqdm(total=len(pending), unit="req", desc="generate", disable=not options.progress,
                   mininterval=0.5, dynamic_ncols=True)
 
   def emit(result: Result) -> None:
     result = _scrub(result, options.secret)
-    # Journal even results this run did not ask for (a resumed batch may return them): they
-    # were paid for, and the journal's key makes a duplicate impossible.
-    journal.record(result, backend.name)
+    # Journal even results this run did not ask for: they were paid for, the journal's key
+    # makes a duplicate impossible, and with unknown inputs a rerun does not trust them.
+    journal.record(result, backend.name, waiting.get(result.key))
     if result.key not in waiting:
       return
-    waiting.discard(result.key)
+    del waiting[result.key]
     counts[result.status] += 1
     counts["prompt_tokens"] += result.prompt_tokens
     counts["completion_tokens"] += result.completion_tokens
@@ -188,6 +211,9 @@ def build_parser() -> OneLineParser:
   p.add_argument("--seed", type=int, default=0, help="offline phrasing and train/val split")
   p.add_argument("--prompts", help="JSON file overriding system/user prompts, questions,"
                  " refusal_phrases")
+  p.add_argument("--stale", choices=("redo", "refuse"), default="redo",
+                 help="a journaled answer made from other inputs (labels, prompts, model, image)"
+                 " than this run's: ask again (default) or stop before any request")
   p.add_argument("--val-fraction", type=float, default=0.0,
                  help="share of images (not QA pairs) in the validation split")
   p.add_argument("--max-retries", type=int, default=8, help="per request (chat backend)")
@@ -255,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = make_backend(args, api_key, prompt_set)
     options = RunOptions(args.out, attributes, prompt_set, args.seed, args.val_fraction,
                          model=None if args.backend == "offline" else args.model,
-                         secret=api_key, progress=not args.no_progress)
+                         secret=api_key, progress=not args.no_progress, stale=args.stale)
     report = run(faces, bad, backend, options)
   except (CliError, fairface.LabelsError, prompts.PromptsError) as e:
     print(f"error: {_redact(str(e), api_key)}", file=sys.stderr)
@@ -273,9 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   for row in bad:
     print(f"skipped {args.labels} line {row.line} ({row.image_id}): {row.reason}",
           file=sys.stderr)
+  redone = f" ({report['redone']} redone: made from other inputs)" if report["redone"] else ""
   print(f"wrote {report['written']} QA pairs ({report['splits']}) to {args.out}; requested"
-        f" {report['requested']}, refused {report['refused']}, failed {report['failed']},"
-        f" skipped rows {report['skipped_rows']}", file=sys.stderr)
+        f" {report['requested']}{redone}, refused {report['refused']}, failed"
+        f" {report['failed']}, skipped rows {report['skipped_rows']}", file=sys.stderr)
   return 0
 
 

@@ -3,6 +3,7 @@
 import csv
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -355,3 +356,121 @@ def test_openai_backends_through_a_faulty_server_store_each_answer_once(world, t
     for name in names:
       with open(os.path.join(directory, name), "rb") as f:
         assert fake.api_key.encode() not in f.read()
+
+
+def _edited_world(world, tmp_path, edit):
+  """A copy of the world whose CSV rows are changed by `edit(row) -> row`."""
+  copy = tmp_path / "world"
+  shutil.copytree(world, copy)
+  with open(world / "labels.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  with open(copy / "labels.csv", "w", newline="") as f:
+    csv.writer(f).writerows([rows[0]] + [edit(list(r)) for r in rows[1:]])
+  return copy
+
+
+def _relabel_2(row):
+  if row[0] == "val/2.jpg":  # was a Black boy aged 3-9
+    row[2:4] = ["Female", "White"]
+  return row
+
+
+def test_an_answer_made_from_edited_labels_is_asked_again(world, tmp_path, capsys):
+  out = tmp_path / "out"
+  attributes = ["--attributes", "demographics,expression"]
+  assert generate.main(_args(world, out, *attributes)) == 0
+  before = {k[:2]: k[2] for k in _keyed(_read(out)["train"])}
+  assert "boy" in before[("val/2.jpg", "demographics")]
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  capsys.readouterr()
+  assert generate.main(_args(edited, out, *attributes)) == 0
+  assert "requested 2 (2 redone: made from other inputs)" in capsys.readouterr().err
+  report = inspect_cmd.summarize(str(out))["report"]
+  assert (report["requested"], report["redone"], report["already_done"]) == (2, 2, 10)
+  after = {k[:2]: k[2] for k in _keyed(_read(out)["train"])}
+  labels = dict(zip(("age", "gender", "race") + EXTRA, ROWS[1][1:]), gender="Female",
+                race="White")
+  for attribute in ("demographics", "expression"):
+    assert after[("val/2.jpg", attribute)] == OfflineBackend(0).answer("val/2.jpg", attribute,
+                                                                       labels)
+  assert "girl" in after[("val/2.jpg", "demographics")]
+  assert "White" in after[("val/2.jpg", "demographics")]
+  assert {k: v for k, v in after.items() if k[0] != "val/2.jpg"} == {
+      k: v for k, v in before.items() if k[0] != "val/2.jpg"}
+  assert generate.main(_args(edited, out, *attributes)) == 0  # and then it is settled
+  assert inspect_cmd.summarize(str(out))["report"]["requested"] == 0
+
+
+def test_stale_refuse_stops_before_any_request(world, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert generate.main(_args(world, out, "--attributes", "pose")) == 0
+  first = _keyed(_read(out)["train"])
+  capsys.readouterr()
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  assert generate.main(_args(edited, out, "--attributes", "pose", "--stale", "refuse")) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "1 journaled answer(s)" in err and "val/2.jpg pose" in err
+  assert "--stale redo" in err
+  assert _keyed(_read(out)["train"]) == first
+
+
+def test_a_stale_answer_never_reaches_the_dataset_even_when_its_redo_fails(world, tmp_path):
+  out = tmp_path / "out"
+  options = generate.RunOptions(str(out), ["pose"], progress=False)
+  generate.run(*_faces(world), ScriptedBackend(refuse=(), fail=()), options)
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  again = ScriptedBackend(refuse=(), fail=("pose",))
+  report = generate.run(*_faces(edited), again, options)
+  assert again.seen == [("val/2.jpg", "pose")]
+  assert (report["written"], report["failed"], report["redone"]) == (5, 1, 1)
+  assert "val/2.jpg" not in {r["image_id"].decode() for r in _read(out)["train"]}
+
+
+def test_through_the_openai_server_only_changed_labels_or_images_are_asked_again(
+    world, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  with FakeOpenAI() as fake:
+    monkeypatch.setenv("OPENAI_API_KEY", fake.api_key)
+    argv = ["--backend", "openai", "--base-url", fake.base_url, "--attributes", "pose,lighting"]
+    assert generate.main(_args(world, out, *argv)) == 0
+    assert len(fake.chat_calls()) == 12
+    assert generate.main(_args(edited, out, *argv)) == 0
+    second = fake.chat_calls()[12:]
+    Image.fromarray(np.full((24, 20, 3), 7, np.uint8)).save(edited / "img" / "val" / "5.jpg")
+    assert generate.main(_args(edited, out, *argv)) == 0
+    third = fake.chat_calls()[12 + len(second):]
+  faces, _ = _faces(edited)
+  requests = {r.key: r for r in generate.build_requests(faces, ["pose", "lighting"],
+                                                        prompts.PromptSet())}
+  assert sorted(c.key for c in second) == sorted(
+      key_of(requests[("val/2.jpg", a)]) for a in ("pose", "lighting"))
+  assert sorted(c.key for c in third) == sorted(
+      key_of(requests[("val/5.jpg", a)]) for a in ("pose", "lighting"))
+  records = _read(out)["train"]
+  assert len(records) == 12
+  for r in records:
+    key = (r["image_id"].decode(), r["attribute"].decode())
+    assert r["answer"].decode() == expected_answer(requests[key])  # the new prompt, the new image
+  report = inspect_cmd.summarize(str(out))["report"]
+  assert (report["requested"], report["redone"]) == (2, 2)
+
+
+def test_each_backend_fingerprints_what_its_answer_is_made_from(world):
+  from data_gen.backends.openai_chat import OpenAIChatBackend  # pylint: disable=g-import-not-at-top
+
+  faces, _ = _faces(world)
+  base = generate.build_requests(faces[:1], ["pose"], prompts.PromptSet())
+  other_prompt = generate.build_requests(
+      faces[:1], ["pose"], prompts.PromptSet(user={**prompts.USER_PROMPTS, "pose": "Pose?"}))
+
+  def inputs(requests, backend):
+    return generate.fingerprinted(requests, backend)[0].inputs
+
+  offline = OfflineBackend(seed=0)
+  assert inputs(base, offline) == inputs(other_prompt, offline)  # offline answers ignore prompts
+  assert inputs(base, offline) != inputs(base, OfflineBackend(seed=1))
+  chat = OpenAIChatBackend("gpt-4o-2024-11-20", "sk-x", None, 1)
+  assert inputs(base, chat) != inputs(other_prompt, chat)
+  assert inputs(base, chat) != inputs(base, OpenAIChatBackend("gpt-4o-mini", "sk-x", None, 1))
+  assert inputs(base, chat) == inputs(base, OpenAIChatBackend("gpt-4o-2024-11-20", "sk-y", None, 8))

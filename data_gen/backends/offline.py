@@ -240,6 +240,10 @@ class OfflineBackend:
     self.seed = seed
     self.delay = delay  # seconds per answer: lets demos and crash tests see a run in flight
 
+  def answer_inputs(self, request: Request) -> dict[str, object]:
+    """Only the labels and the seed make an offline answer (not the prompt, not the image)."""
+    return {"labels": dict(sorted(request.labels.items())), "offline_seed": self.seed}
+
   def answer(self, image_id: str, attribute: str, labels: _Labels) -> str:
     digest = hashlib.sha256(f"{self.seed}|{image_id}|{attribute}".encode()).digest()
     writer = _Writer(labels, random.Random(int.from_bytes(digest[:8], "big")))

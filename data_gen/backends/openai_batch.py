@@ -28,7 +28,7 @@ from PIL import Image
 from data_gen.backends.base import Emit, MetaStore, Request, Result
 from data_gen.backends.openai_chat import (
     DEFAULT_REFUSAL_PHRASES, RETRYABLE_STATUSES, Backoff, FatalApiError, MalformedResponse,
-    call_emit, chat_messages, classify_error, image_data_uri, parse_reply, redact)
+    answer_inputs, call_emit, chat_messages, classify_error, image_data_uri, parse_reply, redact)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ class OpenAIBatchBackend:
 
   def __repr__(self) -> str:
     return f"OpenAIBatchBackend(model={self.model!r}, base_url={self.base_url!r})"
+
+  def answer_inputs(self, request: Request) -> dict[str, object]:
+    return answer_inputs(request, self.model, self.image_max_side)
 
   async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
     items = {r.custom_id: _Item(r) for r in requests}

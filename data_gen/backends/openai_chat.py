@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 import openai
 from PIL import Image
 
-from data_gen.backends.base import Emit, MetaStore, Request, Result
+from data_gen.backends.base import Emit, MetaStore, Request, Result, file_sha256
 from facellm_jax.input import image as image_lib
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,15 @@ def _as_jpeg(data: bytes, max_side: int | None) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95)
   return buffer.getvalue()
+
+
+def answer_inputs(request: Request, model: str, image_max_side: int | None) -> dict[str, object]:
+  """What a chat answer is made from, for both OpenAI backends (so a run may switch between
+  them): the prompts (the labels are in the user prompt), the image bytes, the model and the
+  downscaling of what is uploaded."""
+  return {"system": request.system_prompt, "user": request.user_prompt,
+          "image": file_sha256(request.image_path), "model": model,
+          "image_max_side": image_max_side}
 
 
 def chat_messages(request: Request, image_url: str) -> list[dict]:
@@ -252,6 +261,9 @@ class OpenAIChatBackend:
 
   def __repr__(self) -> str:
     return f"OpenAIChatBackend(model={self.model!r}, base_url={self.base_url!r})"
+
+  def answer_inputs(self, request: Request) -> dict[str, object]:
+    return answer_inputs(request, self.model, self.image_max_side)
 
   async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
     del meta  # each request is final once emitted; the driver's journal is the resume point
