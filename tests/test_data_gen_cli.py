@@ -97,3 +97,38 @@ def test_synth_refuses_a_non_empty_benchmark_folder(tmp_path, capsys):
                      "--benchmark-out", str(tmp_path / "bench")]) == 2
   assert "--benchmark-out" in _one_error_line(capsys, "synth: error:")
   assert not (tmp_path / "ds").exists()
+
+
+def _unprivileged_generate(world, out, home):
+  unprivileged.open_up(world)
+  return unprivileged.python_unprivileged(
+      ["data_gen", "generate", *_labels(world), "--out", str(out), "--no-progress",
+       "--attributes", "pose"], home=home, cwd=ROOT, timeout=120)
+
+
+def test_generate_into_a_folder_it_may_not_write_says_so_before_anything(world, tmp_path):
+  out = tmp_path / "readonly"
+  out.mkdir(mode=0o755)  # owned by whoever runs the suite; the command runs as another user
+  os.chmod(out, 0o555)
+  proc = _unprivileged_generate(world, out, tmp_path / "home")
+  assert proc.returncode == 2, proc.stderr
+  (line,) = proc.stderr.strip().splitlines()
+  assert "is not writable by this user" in line and "journaled" not in line
+  assert os.listdir(out) == []
+
+
+def test_generate_with_a_journal_it_may_not_write_says_what_failed_and_that_nothing_was_kept(
+    world, tmp_path):
+  out = tmp_path / "out"
+  assert COMMANDS["generate"](world, out) == 0  # a finished output owned by us ...
+  unprivileged.open_up(out)
+  unprivileged.give_away(out)  # ... whose folder the other user may write, but not its journal
+  journal = out / ".journal"
+  for path in (journal, *journal.iterdir()):
+    os.chown(path, os.getuid(), os.getgid())
+    os.chmod(path, 0o755 if path.is_dir() else 0o644)
+  proc = _unprivileged_generate(world, out, tmp_path / "home")
+  assert proc.returncode == 1, proc.stderr
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith(f"error: while opening the journal in {out}: PermissionError"), line
+  assert line.endswith("nothing of this run was journaled") and "resume" not in line

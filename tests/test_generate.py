@@ -1,10 +1,12 @@
 """`generate` end to end with the offline backend: exactly once, resumable, crash-safe."""
 
 import csv
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -147,7 +149,7 @@ class ScriptedBackend:
   def __init__(self, refuse=("pose",), fail=("lighting",)):
     self.refuse, self.fail, self.seen = refuse, fail, []
 
-  async def run(self, requests, emit, meta):
+  async def run(self, requests, emit, meta, retrying=None):
     for r in requests:
       self.seen.append(r.key)
       if r.attribute in self.refuse:
@@ -253,7 +255,7 @@ class LeakyBackend:
   def __init__(self, secret):
     self.secret = secret
 
-  async def run(self, requests, emit, meta):
+  async def run(self, requests, emit, meta, retrying=None):
     for r in requests:
       emit(Result(r.image_id, r.attribute, "failed", error=f"401 bad key {self.secret}"))
     raise RuntimeError(f"auth failed for key {self.secret}")
@@ -474,3 +476,75 @@ def test_each_backend_fingerprints_what_its_answer_is_made_from(world):
   assert inputs(base, chat) != inputs(other_prompt, chat)
   assert inputs(base, chat) != inputs(base, OpenAIChatBackend("gpt-4o-mini", "sk-x", None, 1))
   assert inputs(base, chat) == inputs(base, OpenAIChatBackend("gpt-4o-2024-11-20", "sk-y", None, 8))
+
+
+def _closed_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_an_unreachable_server_shows_its_cause_as_it_happens_and_fails_the_run(
+    world, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable-0123456789")
+  out = tmp_path / "out"
+  url = f"http://127.0.0.1:{_closed_port()}/v1"
+  argv = [*_args(world, out, "--backend", "openai", "--base-url", url, "--attributes", "pose",
+                 "--max-retries", "1")]
+  argv.remove("--no-progress")  # the progress line is what a user watches
+  assert generate.main(argv) == 1
+  err = capsys.readouterr().err
+  cause = "connection failed: ConnectionRefusedError: [Errno 111]"
+  assert err.count(f"{cause}") >= 2 and "retrying" in err  # a line when it first happens ...
+  assert f"last={cause}" in err and "retries=" in err  # ... and on the progress line
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: all 6 requests of this run failed, 6 with: " + cause), last
+  assert "no answer was journaled" in last
+  report = json.loads((out / "report.json").read_text())
+  assert (report["written"], report["failed"], report["run"]["ok"]) == (0, 6, 0)
+  ((reason, count),) = report["failures_by_cause"].items()
+  assert reason.startswith(cause) and count == 6
+  assert sum(report["run"]["retries"].values()) == 6  # one retry each, then the cause is final
+  assert not (out / "dataset_info.json").exists()
+  with sqlite3.connect(out / generate.JOURNAL_FILE) as db:
+    assert db.execute("SELECT COUNT(*) FROM results WHERE status != 'failed'").fetchone() == (0,)
+
+
+def test_an_unreachable_batch_api_is_one_line_and_journals_nothing(world, tmp_path, monkeypatch,
+                                                                   capsys):
+  monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable-0123456789")
+  out = tmp_path / "out"
+  url = f"http://127.0.0.1:{_closed_port()}/v1"
+  assert generate.main(_args(world, out, "--backend", "openai-batch", "--base-url", url,
+                             "--max-retries", "0", "--attributes", "pose")) == 1
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith(f"error: while requesting answers: could not upload the batch input at {url}:"
+                         " connection failed: ConnectionRefusedError"), line
+  assert line.endswith("nothing of this run was journaled")
+  assert _journal_rows(out) == 0 and not (out / "dataset_info.json").exists()
+
+
+def test_a_run_with_some_failures_completes_and_names_their_cause(world, tmp_path, capsys):
+  options = generate.RunOptions(str(tmp_path / "out"), ["pose", "lighting"], progress=False)
+  report = generate.run(*_faces(world), ScriptedBackend(refuse=(), fail=("lighting",)), options)
+  assert report["failures_by_cause"] == {"503": 6} and report["run"]["failures"] == {"503": 6}
+  assert report["written"] == 6
+
+
+def test_ctrl_c_says_how_much_of_the_run_is_journaled_and_the_rerun_finishes(world, tmp_path):
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "data_gen", "generate", *_args(world, out, "--offline-delay", "0.1")]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while time.time() < deadline and _journal_rows(out) < 5:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  err = proc.communicate(timeout=60)[1]
+  assert proc.returncode == 130
+  (line,) = err.strip().splitlines()
+  done = _journal_rows(out)
+  assert line == (f"interrupted while requesting answers; {done} result(s) of this run are"
+                  " journaled: rerun the same command to resume"), line
+  assert generate.main(_args(world, out)) == 0
+  report = inspect_cmd.summarize(str(out))["report"]
+  assert (report["already_done"], report["written"]) == (done, 48)

@@ -21,6 +21,11 @@ from typing import Awaitable, Callable, Literal, Mapping, Protocol, Sequence
 Status = Literal["ok", "refused", "failed"]
 
 
+class FatalApiError(RuntimeError):
+  """The server refused the whole run (rejected key, no quota, unreachable): no retry can
+  succeed, so the backend stops and the driver reports this message."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
   image_id: str  # FairFace `file` column, e.g. "val/1.jpg"
@@ -100,6 +105,14 @@ class MetaStore(Protocol):
 
 
 Emit = Callable[[Result], Awaitable[None] | None]
+# Called for each failed attempt that will be retried: (the request, or None for a call that
+# serves many, such as a batch upload; the reason). The driver shows it as it happens.
+Retrying = Callable[[Request | None, str], None]
+
+
+def unheard(request: Request | None, reason: str) -> None:
+  """The `retrying` callback when nobody listens (a backend used on its own)."""
+  del request, reason
 
 
 class Backend(Protocol):
@@ -110,6 +123,7 @@ class Backend(Protocol):
     fingerprints it. A backend without this method is taken to use `request_inputs`."""
     ...
 
-  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
+  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore,
+                retrying: Retrying | None = None) -> None:
     """Answers every request, calling `emit` once per request as soon as it is final."""
     ...

@@ -17,7 +17,7 @@ import random
 from typing import Callable, Mapping, Sequence
 
 from data_gen import prompts
-from data_gen.backends.base import Emit, MetaStore, Request, Result
+from data_gen.backends.base import Emit, MetaStore, Request, Result, Retrying
 
 _Labels = Mapping[str, str]
 _EMOTION = {"happy": "happiness", "sad": "sadness", "surprised": "surprise", "angry": "anger",
@@ -249,8 +249,9 @@ class OfflineBackend:
     writer = _Writer(labels, random.Random(int.from_bytes(digest[:8], "big")))
     return " ".join(_ANSWERS[attribute](writer))
 
-  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
-    del meta  # nothing to resume beyond the journal
+  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore,
+                retrying: Retrying | None = None) -> None:
+    del meta, retrying  # nothing to resume beyond the journal, nothing ever retried
     for request in requests:
       if self.delay:
         await asyncio.sleep(self.delay)
