@@ -1,9 +1,9 @@
 """FairFace label CSV + image root -> the faces a generation run may send.
 
 A bad row (unknown label value, missing or unreadable image, a path that leaves the root as
-written or through a symlink) is reported with its line number and skipped: one broken crop must not cost a 10,954-image run. A
-wrong header is different: it means the file is not a FairFace label file at all, so it is an
-error before any request is made.
+written or through a symlink) is reported with its line number and skipped: one broken crop
+must not cost a 10,954-image run. A wrong header is different: it means the file is not a
+FairFace label file at all, so it is an error before any request is made.
 """
 
 from __future__ import annotations
