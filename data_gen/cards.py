@@ -79,9 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lacking:
       raise CliError(f"{args.labels}: cards need the synthetic world's label columns; missing "
                      f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
+    faces, unknown = synth.known_faces(faces)  # a label value a card cannot name: a bad row
+    bad += unknown
+    if not faces:
+      raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
     count = write_dataset(faces, args.out, progress=not args.no_progress)
   except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
     print(f"cards: error: {e}", file=sys.stderr)
     return 2
+  for row in bad:
+    print(row.skipped(args.labels), file=sys.stderr)
   print(f"wrote {count} cards to {args.out}", file=sys.stderr)
   return 0

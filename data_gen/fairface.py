@@ -47,6 +47,10 @@ class BadRow:
   def as_dict(self) -> dict[str, object]:
     return {"row": self.line, "file": self.image_id, "reason": self.reason}
 
+  def skipped(self, csv_path: str) -> str:
+    """The line a command prints for this row."""
+    return f"skipped {csv_path} line {self.line} ({self.image_id}): {self.reason}"
+
 
 def safe_relative_path(name: str) -> bool:
   """True if `name` stays inside the root it is joined to (no absolute paths, no `..`)."""

@@ -383,8 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {type(e).__name__}: {_redact(str(e), api_key)}", file=sys.stderr)
     return 1
   for row in bad:
-    print(f"skipped {args.labels} line {row.line} ({row.image_id}): {row.reason}",
-          file=sys.stderr)
+    print(row.skipped(args.labels), file=sys.stderr)
   ran = report["run"]
   if ran["requested"] and ran["failed"] == ran["requested"]:
     (cause, count), *others = sorted(ran["failures"].items(), key=lambda kv: -kv[1])

@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lacking:
       raise CliError(f"{args.labels}: MCQ items need the synthetic world's label columns; missing "
                      f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
+    faces, unknown = synth.known_faces(faces)  # a label value no option list has: a bad row
+    bad += unknown
     if not faces:
       raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
     counts = write_dataset(faces, args.out, seed=args.seed, tasks=tasks, rounds=args.rounds,
@@ -166,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
     print(f"mcq: error: {e}", file=sys.stderr)
     return 2
+  for row in bad:
+    print(row.skipped(args.labels), file=sys.stderr)
   print(f"wrote {counts['mcq']} MCQ items, {counts['qa']} QA pairs and {counts['cards']} cards to "
         f"{args.out}",
         file=sys.stderr)

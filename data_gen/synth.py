@@ -34,12 +34,14 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data_gen.cli import CliError, OneLineParser, check_out_dir
+from data_gen import fairface
 from data_gen.synth_render import (AGE_BINS, EXPRESSIONS, FACTOR_VALUES, GENDERS, HEAD_POSES,
-                                   RACES, encode_jpeg, render_face)
+                                   RACES, check_labels, encode_jpeg, render_face)
 from facellm_jax.input import image as image_lib
 
 __all__ = ["CSV_COLUMNS", "VOCAB", "BENCHMARK_TASKS", "sample_labels", "face_rng", "render_face",
-           "render_jpeg", "missing_columns", "write_dataset", "write_benchmark", "write_preview", "main"]
+           "render_jpeg", "missing_columns", "known_faces", "write_dataset", "write_benchmark",
+           "write_preview", "main"]
 
 FAIRFACE_COLUMNS = ("file", "age", "gender", "race", "service_test")
 EXTRA_COLUMNS = ("expression", "head_pose", "roll", "eyes", "eyeglasses", "facial_hair",
@@ -105,6 +107,20 @@ def missing_columns(labels: Mapping[str, object]) -> list[str]:
   """The synthetic world's label columns a face's labels lack (a real FairFace CSV lacks the
   extra ones); items built from the ground truth need them all."""
   return [c for c in CSV_COLUMNS if c != "file" and c not in labels]
+
+
+def known_faces(faces: Sequence[fairface.Face]) -> tuple[list[fairface.Face], list[fairface.BadRow]]:
+  """The faces whose every label is in this world's vocabularies, and the others as bad rows
+  naming each unknown value. Items built from the ground truth (MCQ, cards) skip those rows,
+  as the label reader skips its bad rows, instead of failing on, or inventing, an option."""
+  good, bad = [], []
+  for face in faces:
+    try:
+      check_labels(face.labels)
+      good.append(face)
+    except ValueError as e:
+      bad.append(fairface.BadRow(face.line, face.image_id, str(e)))
+  return good, bad
 
 
 def write_dataset(out_dir: str | Path, num: int, seed: int, size: int = 112,

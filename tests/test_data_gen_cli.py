@@ -132,3 +132,51 @@ def test_generate_with_a_journal_it_may_not_write_says_what_failed_and_that_noth
   (line,) = proc.stderr.strip().splitlines()
   assert line.startswith(f"error: while opening the journal in {out}: PermissionError"), line
   assert line.endswith("nothing of this run was journaled") and "resume" not in line
+
+
+@pytest.fixture
+def odd_labels(world, tmp_path):
+  """The world's CSV with four rows whose label values the synthetic world does not know."""
+  lines = (world / "labels.csv").read_text().splitlines()
+  header = lines[0].split(",")
+  edits = {2: ("head_pose", "up"), 3: ("facial_hair", "goatee"), 4: ("eyeglasses", "maybe"),
+           5: ("expression", "confused")}
+  for line, (column, value) in edits.items():
+    row = lines[line - 1].split(",")
+    row[header.index(column)] = value
+    lines[line - 1] = ",".join(row)
+  path = tmp_path / "labels.csv"
+  path.write_text("\n".join(lines) + "\n")
+  return path, edits
+
+
+@pytest.mark.parametrize("command", ["mcq", "cards"])
+def test_rows_with_unknown_label_values_are_skipped_and_named(world, tmp_path, capsys, odd_labels,
+                                                              command):
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+
+  path, edits = odd_labels
+  out = tmp_path / "out"
+  main = {"mcq": mcq.main, "cards": cards.main}[command]
+  assert main(["--labels", str(path), "--images", str(world), "--out", str(out),
+               "--no-progress"]) == 0
+  skipped = [l for l in capsys.readouterr().err.splitlines() if l.startswith("skipped")]
+  assert len(skipped) == len(edits)
+  for text, (line, (column, value)) in zip(skipped, sorted(edits.items())):
+    assert f"line {line} " in text and f"{column}='{value}'" in text, text
+  source = pipeline.open_tfds_source(out)
+  kept = {pipeline._text(source[i]["image_id"]) for i in range(len(source))}
+  assert kept == {"train/5.jpg", "train/6.jpg"}  # CSV lines 6 and 7
+
+
+def test_every_mcq_about_a_known_face_has_exactly_four_options():
+  base = synth.sample_labels(1, seed=0)[0]
+  for column in ("age", "gender", "race", "expression", "head_pose", "eyeglasses", "facial_hair",
+                 "sharpness", "jpeg_quality"):
+    for value in synth.VOCAB[column]:
+      labels = {**base, column: value}
+      for task in mcq.TASKS:
+        for item in mcq.face_mcqs("x", labels, seed=1, tasks=[task], rounds=3):
+          options = item.question.options
+          assert len(options) == len(set(options)) == 4, (column, value, task, options)
+          assert item.question.answer in options
