@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data_gen import cards, fairface, synth, tfds_writer
+from data_gen import cards, fairface, inspect, synth, tfds_writer
 from data_gen.cli import CliError, OneLineParser, check_out_dir
 from facellm_jax.evaluation import facexbench
 
@@ -154,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise CliError(f"--rounds must be >= 1, got {args.rounds}")
     if args.qa and not os.path.isfile(os.path.join(args.qa, "dataset_info.json")):
       raise CliError(f"--qa {args.qa} is not a dataset written by `python -m data_gen generate`")
+    if args.qa:
+      inspect.summarize(args.qa, samples=0)  # a damaged --qa dataset: one line, not a traceback
     faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
     lacking = synth.missing_columns(faces[0].labels) if faces else []
     if lacking:

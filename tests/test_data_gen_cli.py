@@ -4,6 +4,7 @@ bad values and damaged inputs reported in one line, permissions tested as an unp
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -180,3 +181,63 @@ def test_every_mcq_about_a_known_face_has_exactly_four_options():
           options = item.question.options
           assert len(options) == len(set(options)) == 4, (column, value, task, options)
           assert item.question.answer in options
+
+
+@pytest.fixture(scope="module")
+def dataset(world, tmp_path_factory):
+  out = tmp_path_factory.mktemp("dataset") / "out"
+  assert COMMANDS["generate"](world, out) == 0
+  return out
+
+
+def test_inspect_samples_counts_from_zero(dataset, capsys):
+  capsys.readouterr()
+  assert inspect_cmd.main([str(dataset), "--samples", "-1"]) == 2
+  assert "--samples must be >= 0, got -1" in _one_error_line(capsys)
+  assert inspect_cmd.summarize(str(dataset), samples=0)["splits"]["train"]["samples"] == []
+  assert len(inspect_cmd.summarize(str(dataset), samples=6)["splits"]["train"]["samples"]) == 6
+
+
+def _damage(dataset, tmp_path, how):
+  copy = tmp_path / "damaged"
+  shutil.copytree(dataset, copy)
+  if how == "dataset_info.json":
+    (copy / "dataset_info.json").write_text('{"name": ')
+  else:
+    (shard,) = copy.glob("data-*/*.array_record-*")
+    with open(shard, "r+b") as f:
+      f.truncate(how)
+  return copy
+
+
+@pytest.mark.parametrize("how, message", [
+    ("dataset_info.json", "dataset_info.json or features.json cannot be read: ParseError"),
+    (100, "train split cannot be read (shards data-"),
+    (0, "train split cannot be read (shards data-"),
+])
+def test_inspect_of_a_damaged_dataset_is_one_line_and_generate_rebuilds_it(
+    world, dataset, tmp_path, capsys, how, message):
+  damaged = _damage(dataset, tmp_path, how)
+  capsys.readouterr()
+  assert inspect_cmd.main([str(damaged)]) == 2
+  line = _one_error_line(capsys)
+  assert message in line and "damaged or incomplete" in line, line
+  assert COMMANDS["generate"](world, damaged) == 0  # the journal still has every answer
+  assert inspect_cmd.summarize(str(damaged))["report"]["requested"] == 0
+  assert inspect_cmd.summarize(str(damaged))["splits"]["train"]["records"] == 6
+
+
+def test_inspect_piped_into_a_reader_that_stops_early_is_not_a_traceback(dataset):
+  # `true` exits before inspect has started, so inspect writes into a closed pipe.
+  proc = subprocess.run(f"{sys.executable} -m data_gen inspect {dataset} | true", shell=True,
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.stderr == ""
+
+
+def test_mcq_with_a_damaged_qa_dataset_is_one_line_and_writes_nothing(world, dataset, tmp_path,
+                                                                      capsys):
+  damaged = _damage(dataset, tmp_path, 100)
+  out = tmp_path / "out"
+  assert mcq.main([*_labels(world), "--out", str(out), "--qa", str(damaged), "--no-progress"]) == 2
+  assert "train split cannot be read" in _one_error_line(capsys, "mcq: error:")
+  assert not out.exists()
