@@ -43,12 +43,28 @@ def check_out_dir(out: str, flag: str = "--out", resumable: Collection[str] = ()
                      " directory")
     _check_writable(out, flag, out)
     return
-  parent = os.path.dirname(os.path.abspath(out))
+  _check_creatable(out, flag)
+
+
+def check_out_file(path: str, flag: str) -> None:
+  """Refuses an output file that is a folder or that this user could not create or replace."""
+  if os.path.isdir(path):
+    raise CliError(f"{flag} {path} is a directory; expected a file name")
+  if os.path.exists(path):
+    if not os.access(path, os.W_OK):
+      raise CliError(f"{flag} {path} is not writable by this user: permission denied")
+    return
+  _check_creatable(path, flag)
+
+
+def _check_creatable(path: str, flag: str) -> None:
+  """The nearest existing folder above `path` must be a folder this user may write in."""
+  parent = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
-    raise CliError(f"{flag} {out} cannot be created: {parent} is not a directory")
-  _check_writable(parent, flag, out)
+    raise CliError(f"{flag} {path} cannot be created: {parent} is not a directory")
+  _check_writable(parent, flag, path)
 
 
 def _check_writable(directory: str, flag: str, out: str) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data_gen.cli import CliError, OneLineParser, check_out_dir
+from data_gen.cli import CliError, OneLineParser, check_out_dir, check_out_file
 from data_gen import fairface
 from data_gen.synth_render import (AGE_BINS, EXPRESSIONS, FACTOR_VALUES, GENDERS, HEAD_POSES,
                                    RACES, check_labels, encode_jpeg, render_face)
@@ -346,8 +346,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   for flag, path in (("--out", args.out), ("--benchmark-out", args.benchmark_out)):
     if path is not None:
       check_out_dir(str(path), flag)
-  if args.preview is not None and args.preview.suffix.lower() != ".png":
-    raise CliError(f"--preview must be a .png file, got {args.preview}")
+  if args.preview is not None:
+    if args.preview.suffix.lower() != ".png":
+      raise CliError(f"--preview must be a .png file, got {args.preview}")
+    check_out_file(str(args.preview), "--preview")
   return args
 
 

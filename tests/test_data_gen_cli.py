@@ -241,3 +241,17 @@ def test_mcq_with_a_damaged_qa_dataset_is_one_line_and_writes_nothing(world, dat
   assert mcq.main([*_labels(world), "--out", str(out), "--qa", str(damaged), "--no-progress"]) == 2
   assert "train split cannot be read" in _one_error_line(capsys, "mcq: error:")
   assert not out.exists()
+
+
+def test_synth_checks_every_output_before_it_writes_one(tmp_path):
+  home = tmp_path / "home"
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  os.chmod(locked, 0o555)
+  proc = unprivileged.python_unprivileged(
+      ["data_gen", "synth", "--out", str(home / "faces"), "--num", "2", "--seed", "0",
+       "--preview", str(locked / "preview.png")], home=home, cwd=ROOT, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("synth: error: --preview") and "not writable by this user" in line
+  assert not (home / "faces").exists()
