@@ -255,3 +255,16 @@ def test_synth_checks_every_output_before_it_writes_one(tmp_path):
   (line,) = proc.stderr.strip().splitlines()
   assert line.startswith("synth: error: --preview") and "not writable by this user" in line
   assert not (home / "faces").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(world, tmp_path, capsys):
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "out"
+  assert COMMANDS["generate"](world, out) == 0
+  capsys.readouterr()
+  with open(out / ".journal" / "lock", "rb") as held:  # what a running generate holds
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert COMMANDS["generate"](world, out) == 2
+  assert "another run is already writing to" in _one_error_line(capsys)
+  assert COMMANDS["generate"](world, out) == 0  # released: the next run goes ahead
