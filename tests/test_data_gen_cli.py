@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from data_gen import cards, generate, inspect as inspect_cmd, mcq, sharegpt, synth
+from data_gen import cards, generate, inspect as inspect_cmd, mcq, raw, sharegpt, synth
 import unprivileged
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,6 +21,12 @@ def world(tmp_path_factory):
   """Six synthetic faces (32 px) with the synthetic world's labels."""
   root = tmp_path_factory.mktemp("world")
   synth.write_dataset(root, 6, seed=3, size=32)
+  question = "Describe this image."  # the reference's question 7
+  (root / "dataset.json").write_text(json.dumps([{"image": "train/1.jpg", "conversations": [
+      {"from": "human", "value": "<image>" + question}, {"from": "gpt", "value": "A face."}]}]))
+  (root / "raw" / "train" / "1").mkdir(parents=True)
+  (root / "raw" / "train" / "1" / "question_7.txt").write_text(question)
+  (root / "raw" / "train" / "1" / "answer_7.txt").write_text("A face.")
   return root
 
 
@@ -41,6 +47,11 @@ COMMANDS = {
     "cards": lambda world, out: cards.main([*_labels(world), "--out", str(out), "--no-progress"]),
     "generate": lambda world, out: generate.main([*_labels(world), "--out", str(out),
                                                   "--no-progress", "--attributes", "pose"]),
+    "import-sharegpt": lambda world, out: sharegpt.main([str(world / "dataset.json"), "--images",
+                                                         str(world), "--out", str(out),
+                                                         "--no-progress"]),
+    "import-raw": lambda world, out: raw.main([str(world / "raw"), *_labels(world), "--out",
+                                               str(out), "--no-progress"]),
 }
 
 
@@ -55,7 +66,7 @@ def test_a_non_empty_output_folder_is_refused_untouched(world, tmp_path, capsys,
   assert (out / "labels.csv").read_text() == "a user's own file\n"
 
 
-@pytest.mark.parametrize("command", ["synth", "mcq", "cards"])
+@pytest.mark.parametrize("command", ["synth", "mcq", "cards", "import-sharegpt", "import-raw"])
 def test_commands_that_cannot_resume_refuse_a_previous_data_gen_output(world, tmp_path, capsys,
                                                                        command):
   out = tmp_path / "out"
