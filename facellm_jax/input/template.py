@@ -88,7 +88,7 @@ def render_conversation(messages: Sequence[Mapping[str, str]], tokenizer: tok_li
                         num_image_tokens: int, *, num_tiles: Sequence[int] | None = None,
                         system_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Token ids int32 [L] of a whole conversation and a float32 [L] mask, 1 on assistant tokens
-  (each answer and its `<|im_end|>\n`).
+  (each answer, its `<|im_end|>` and the newline after it).
 
   Args:
     messages: `{"role": "system"|"user"|"assistant", "content": str}` in order; `<image>` in a
