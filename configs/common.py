@@ -1,13 +1,19 @@
 """What every config shares: the training recipe, the vision towers, and the `:arg` parser.
 
-The recipe is FaceLLM's (Shahreza & Marcel 2025, arXiv:2507.10300, trained with LLaMA-Factory):
-LoRA r=16, alpha=32 on every linear layer of the language model, learning rate 1e-5, cosine
-schedule, one epoch, bf16, cutoff length 2048, effective batch ~96. The paper does not state a
-warmup, weight decay or clipping; those are LLaMA-Factory's example/HF Trainer defaults (warmup
-ratio 0.1, no weight decay, max grad norm 1.0).
+The recipe is the reference run of FaceLLM (Shahreza & Marcel 2025, arXiv:2507.10300), as the
+public repository idiap/facellm runs it with LLaMA-Factory (`train.sh`, `export.sh`); each value
+below names its source. `train.sh` flags: `--finetuning_type lora --lora_rank 16 --lora_alpha 32
+--lora_dropout 0 --lora_target all --learning_rate 1e-05 --lr_scheduler_type cosine --warmup_steps 0
+--max_grad_norm 1.0 --optim adamw_torch --bf16 True --cutoff_len 2048 --packing False
+--num_train_epochs 1.0 --max_samples 100000 --template intern_vl`; the batch is per size (`set_recipe`).
+Not in train.sh, so LLaMA-Factory's / the HF Trainer's defaults: weight decay 0.0, AdamW betas
+(0.9, 0.999), eps 1e-8; one 448 px tile per training image (`crop_to_patches` is False by default in
+LLaMA-Factory's model_args.py, and its InternVL plugin tiles only when it is set).
 
 Size files keep only what differs: the `model` block (exact values of the official `-hf`
-`config.json`) and how a step is split into micro-batches and over the mesh.
+`config.json`), the reference batch (`set_recipe`), and how a step is split into micro-batches
+and over the mesh. `recipe=ours` in the config argument (`--config=configs/internvl3_1b.py:recipe=ours`)
+restores this project's earlier recipe: batch 96 (913 steps), warmup ratio 0.1, no system message.
 """
 
 from __future__ import annotations
@@ -17,12 +23,53 @@ from typing import Any
 import ml_collections
 
 TRAINABLE = ("lora", "full", "all_but_vision")
+RECIPES = ("reference", "ours")
 
-# FairFaceGPT: 10,954 FairFace images x 8 attributes = 87,632 question/answer pairs; one epoch at
-# the paper's effective batch of 96 is ceil(87,632 / 96) = 913 optimizer steps.
+# FairFaceGPT: 10,954 FairFace validation images x 8 attributes = 87,632 question/answer pairs, all
+# read by the reference (train.sh `--max_samples 100000` caps nothing).
 FAIRFACEGPT_EXAMPLES = 87_632
-PAPER_BATCH = 96
-PAPER_EPOCH_STEPS = -(-FAIRFACEGPT_EXAMPLES // PAPER_BATCH)
+
+# LLaMA-Factory src/llamafactory/data/template.py, template "intern_vl": `default_system`, which
+# its `_encode` puts before every example that has no system turn of its own (FairFaceGPT has none).
+INTERN_VL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+                    "多模态大语言模型。")
+
+# `recipe=ours`: the values this project trained with before it followed the reference run
+# (issue 14): one batch of 96 for every size, warmup over 10% of the steps, no system message.
+OURS = dict(batch_size=96, warmup_ratio=0.1, system_prompt="")
+
+
+def epoch_steps(batch_size: Any) -> Any:
+  """Optimizer steps of one FairFaceGPT epoch, ceil(87,632 / batch), as the HF Trainer counts them.
+
+  The Trainer makes ceil(ceil(N / per_device) / grad_accum) updates per epoch, the last one partial:
+  1B/8B 10 x 8 -> ceil(8,764 / 8) = 1,096; 38B 2 x 6 -> ceil(43,816 / 6) = 7,303 (`checkpoint-7303` in
+  export.sh). ceil(N / batch) is the same count here; our last batch is full (topped up from the
+  next epoch's order) where the Trainer's has 32 (80) or 8 (12) examples.
+  Given an `ml_collections.FieldReference`, returns one that follows it.
+  """
+  return -((-FAIRFACEGPT_EXAMPLES) // batch_size)
+
+
+def set_recipe(cfg: ml_collections.ConfigDict, recipe: str, *, reference_batch: int) -> None:
+  """Sets the keys in which the reference run and `recipe=ours` differ.
+
+  `reference_batch`: examples per optimizer step of the reference run of this size
+  (per_device_train_batch_size x gradient_accumulation_steps on one process). `train.num_steps`
+  follows `train.batch_size` (one epoch) unless it is overridden itself.
+  """
+  if recipe not in RECIPES:
+    raise ValueError(f"config argument recipe={recipe!r}: expected one of {', '.join(RECIPES)}")
+  if recipe == "reference":
+    cfg.train.batch_size = reference_batch
+    cfg.train.warmup_ratio = 0.0  # train.sh: --warmup_steps 0
+    cfg.data.system_prompt = INTERN_VL_SYSTEM  # train.sh: --template intern_vl
+  else:
+    cfg.train.batch_size = OURS["batch_size"]
+    cfg.train.warmup_ratio = OURS["warmup_ratio"]
+    cfg.data.system_prompt = OURS["system_prompt"]
+  cfg.train.num_steps = epoch_steps(cfg.train.get_ref("batch_size"))
+
 
 # InternViT-300M-448px-V2_5 (InternVL3-1B..14B, InternVL3.5-1B..8B): LayerNorm, q/k/v bias,
 # no QK-norm. Values of OpenGVLab/InternViT-300M-448px(-V2_5)/config.json as the -hf conversion
@@ -127,7 +174,8 @@ def qwen_text(*, model_type: str = "qwen2", vocab_size: int, hidden_size: int, i
 
 
 def base_config(trainable: str) -> ml_collections.ConfigDict:
-  """Every non-model key, at the paper's recipe; `model` is left for the size file to add."""
+  """Every non-model key; `model`, and the batch / steps / system message (`set_recipe`), are left
+  for the size file (tiny configs set their own)."""
   if trainable not in TRAINABLE:
     raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
   cfg = ml_collections.ConfigDict()
@@ -135,20 +183,21 @@ def base_config(trainable: str) -> ml_collections.ConfigDict:
   cfg.data = ml_collections.ConfigDict()
   cfg.data.dir = ""  # TFDS ArrayRecord dataset directory (python -m data_gen generate --out); required.
   cfg.data.split = "train"
-  cfg.data.cutoff_len = 2048  # tokens per row, as the paper's LLaMA-Factory cutoff_len
-  cfg.data.packing = False  # LLaMA-Factory's default for SFT
+  cfg.data.cutoff_len = 2048  # tokens per row: train.sh --cutoff_len 2048
+  cfg.data.packing = False  # train.sh --packing False
+  cfg.data.system_prompt = ""  # system message of every training example; '' = none
 
   cfg.train = ml_collections.ConfigDict()
-  cfg.train.num_steps = PAPER_EPOCH_STEPS  # one epoch of FairFaceGPT at batch 96
-  cfg.train.batch_size = PAPER_BATCH  # global examples per optimizer step
+  cfg.train.num_steps = epoch_steps(OURS["batch_size"])  # train.sh --num_train_epochs 1.0 (set_recipe)
+  cfg.train.batch_size = OURS["batch_size"]  # global examples per optimizer step (set_recipe)
   cfg.train.grad_accum = 1  # micro-batches per step; batch_size / grad_accum rows each
-  cfg.train.learning_rate = 1e-5
-  cfg.train.warmup_ratio = 0.1
-  cfg.train.schedule = "cosine"
-  cfg.train.weight_decay = 0.0
-  cfg.train.max_grad_norm = 1.0
+  cfg.train.learning_rate = 1e-5  # train.sh --learning_rate 1e-05
+  cfg.train.warmup_ratio = 0.0  # train.sh --warmup_steps 0
+  cfg.train.schedule = "cosine"  # train.sh --lr_scheduler_type cosine
+  cfg.train.weight_decay = 0.0  # not in train.sh: the HF Trainer's default
+  cfg.train.max_grad_norm = 1.0  # train.sh --max_grad_norm 1.0
   cfg.train.trainable = trainable
-  cfg.train.compute_dtype = "bfloat16"  # parameters and optimizer state stay float32
+  cfg.train.compute_dtype = "bfloat16"  # train.sh --bf16 True; parameters and optimizer state stay float32
   # The frozen base weights of a LoRA run: auto = bfloat16 on accelerators (as the paper's bf16
   # run), float32 on CPU; adapters and optimizer state are float32 whatever this says.
   cfg.train.base_dtype = "auto"
@@ -160,8 +209,11 @@ def base_config(trainable: str) -> ml_collections.ConfigDict:
   cfg.train.log_every = 10
 
   cfg.lora = ml_collections.ConfigDict()
-  cfg.lora.rank = 16
-  cfg.lora.alpha = 32.0
+  cfg.lora.rank = 16  # train.sh --lora_rank 16
+  cfg.lora.alpha = 32.0  # train.sh --lora_alpha 32
+  # train.sh --lora_dropout 0: no dropout, which is all our LoRA does. --lora_target all: LLaMA-Factory's
+  # find_all_linear_modules + patch_target_modules take every Linear but lm_head, the vision tower and
+  # the projector (freeze_vision_tower / freeze_multi_modal_projector default True): these seven.
   cfg.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   cfg.lora.modules = ("language",)
 

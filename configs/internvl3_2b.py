@@ -22,8 +22,10 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, variant="lora")
+  args = common.parse_arg(arg, variant="lora", recipe="reference")
   cfg = common.base_config(args.variant)
+  # No reference run of this size: train.sh's single-GPU setting for the 1B/8B, 10 x 8 = 80 per step
+  common.set_recipe(cfg, args.recipe, reference_batch=80)
   cfg.model = common.model_block(
       vision=common.INTERNVIT_300M,
       text=common.qwen_text(vocab_size=151674, hidden_size=1536, intermediate_size=8960,

@@ -23,8 +23,11 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, variant="lora")
+  args = common.parse_arg(arg, variant="lora", recipe="reference")
   cfg = common.base_config(args.variant)
+  # train.sh (model_name='InternVL3-38B'): --per_device_train_batch_size 2
+  # --gradient_accumulation_steps 6 on one process = 12 per step, 7,303 steps (export.sh: checkpoint-7303)
+  common.set_recipe(cfg, args.recipe, reference_batch=12)
   cfg.model = common.model_block(
       vision=common.INTERNVIT_6B,
       text=common.qwen_text(vocab_size=151674, hidden_size=5120, intermediate_size=27648,

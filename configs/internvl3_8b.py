@@ -22,8 +22,11 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, variant="lora")
+  args = common.parse_arg(arg, variant="lora", recipe="reference")
   cfg = common.base_config(args.variant)
+  # train.sh's note for InternVL3-1B/8B: --per_device_train_batch_size 10
+  # --gradient_accumulation_steps 8 on one GPU = 80 per step, 1,096 steps
+  common.set_recipe(cfg, args.recipe, reference_batch=80)
   cfg.model = common.model_block(
       vision=common.INTERNVIT_300M,
       text=common.qwen_text(vocab_size=151674, hidden_size=3584, intermediate_size=18944,

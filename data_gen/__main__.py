@@ -6,7 +6,8 @@ import sys
 COMMANDS = {
     "synth": ("data_gen.synth", "render synthetic faces with ground truth (FairFace format)"),
     "generate": ("data_gen.generate", "attribute QA generation -> TFDS ArrayRecord dataset"),
-    "import-sharegpt": ("data_gen.sharegpt", "import the published FairFaceGPT dataset.json"),
+    "import-sharegpt": ("data_gen.sharegpt", "import a ShareGPT file (the published dataset.json)"),
+    "import-raw": ("data_gen.raw", "import the reference generator's question_/answer_ files"),
     "mcq": ("data_gen.mcq", "multiple-choice training items about synthetic faces"),
     "cards": ("data_gen.cards", "attribute cards (the demo's pretraining items)"),
     "inspect": ("data_gen.inspect", "print a summary of a generated dataset"),

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 from tqdm import tqdm
 
 from data_gen import fairface, synth, tfds_writer
+from data_gen.cli import CliError, OneLineParser, check_out_dir
 
 ATTRIBUTE = "card"
 QUESTION = "List the attributes of this face."
@@ -59,8 +60,6 @@ def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, progress: boo
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  from data_gen.generate import OneLineParser  # pylint: disable=g-import-not-at-top
-
   p = OneLineParser(prog="python -m data_gen cards", description=__doc__.split("\n")[0])
   p.add_argument("--labels", required=True, help="label CSV with the synthetic world's columns")
   p.add_argument("--images", required=True, help="image root; the CSV's `file` is relative")
@@ -70,10 +69,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from data_gen.generate import CliError  # pylint: disable=g-import-not-at-top
-
   try:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    check_out_dir(args.out)
     faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
     if not faces:
       raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
@@ -81,9 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lacking:
       raise CliError(f"{args.labels}: cards need the synthetic world's label columns; missing "
                      f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
+    faces, unknown = synth.known_faces(faces)  # a label value a card cannot name: a bad row
+    bad += unknown
+    if not faces:
+      raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
     count = write_dataset(faces, args.out, progress=not args.no_progress)
   except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
     print(f"cards: error: {e}", file=sys.stderr)
     return 2
+  for row in bad:
+    print(row.skipped(args.labels), file=sys.stderr)
   print(f"wrote {count} cards to {args.out}", file=sys.stderr)
   return 0

@@ -1,9 +1,9 @@
 """FairFace label CSV + image root -> the faces a generation run may send.
 
-A bad row (unknown label value, missing or unreadable image, a path that leaves the root) is
-reported with its line number and skipped: one broken crop must not cost a 10,954-image run. A
-wrong header is different: it means the file is not a FairFace label file at all, so it is an
-error before any request is made.
+A bad row (unknown label value, missing or unreadable image, a path that leaves the root as
+written or through a symlink) is reported with its line number and skipped: one broken crop
+must not cost a 10,954-image run. A wrong header is different: it means the file is not a
+FairFace label file at all, so it is an error before any request is made.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Sequence
 
 from PIL import Image
 import tqdm
+
+from facellm_jax.input import image as image_lib
 
 AGE_BINS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")
 GENDERS = ("Male", "Female")
@@ -45,6 +47,10 @@ class BadRow:
   def as_dict(self) -> dict[str, object]:
     return {"row": self.line, "file": self.image_id, "reason": self.reason}
 
+  def skipped(self, csv_path: str) -> str:
+    """The line a command prints for this row."""
+    return f"skipped {csv_path} line {self.line} ({self.image_id}): {self.reason}"
+
 
 def safe_relative_path(name: str) -> bool:
   """True if `name` stays inside the root it is joined to (no absolute paths, no `..`)."""
@@ -53,13 +59,27 @@ def safe_relative_path(name: str) -> bool:
   return ".." not in name.replace("\\", "/").split("/")
 
 
+def image_problem(root: str, name: str, decode: bool = True) -> str | None:
+  """Why image `name` (relative to `root`) may not be used, or None. Every importer and the label
+  reader check image paths here: the name must stay inside the root as written and once symlinks
+  are resolved (an outside file would be trained on, or uploaded to the API), and with `decode`
+  the file must decode fully."""
+  if not safe_relative_path(name):
+    return f"file {name!r} must be a relative path inside the image root"
+  path = os.path.join(root, name)
+  real_root, real = os.path.realpath(root), os.path.realpath(path)
+  if os.path.commonpath([real_root, real]) != real_root:
+    return f"{name} resolves to {real}, outside the image root {real_root} (a symlink?)"
+  return check_image(path) if decode else None
+
+
 def check_image(path: str) -> str | None:
   """Returns why the image cannot be used, or None; decodes fully so truncation shows."""
   if not os.path.isfile(path):
     return "image file not found"
   try:
     with Image.open(path) as image:
-      image.load()
+      image_lib.rgb_image(image)  # the decode every later reader uses
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     return f"unreadable image ({type(e).__name__}: {e})"
   return None
@@ -108,8 +128,7 @@ def read_labels(csv_path: str, image_root: str, check_images: bool = True,
     if reason is None:
       labels = {k: v.strip() for k, v in zip(header, row) if k != "file"}
       face = Face(line, image_id, os.path.join(root, image_id), labels)
-      if check_images:
-        reason = check_image(face.path)
+      reason = image_problem(root, image_id, decode=check_images)
     if reason is None:
       seen[image_id] = line
       faces.append(face)
@@ -122,8 +141,6 @@ def _row_problem(row: Sequence[str], header: Sequence[str], seen: dict[str, int]
   if len(row) != len(header):
     return f"expected {len(header)} fields, found {len(row)}"
   values = dict(zip(header, (v.strip() for v in row)))
-  if not safe_relative_path(values["file"]):
-    return f"file {values['file']!r} must be a relative path inside the image root"
   if values["file"] in seen:
     return f"duplicate of line {seen[values['file']]}"
   for column, vocab in _VOCAB.items():

@@ -17,18 +17,28 @@ from typing import Sequence
 
 import tensorflow_datasets as tfds
 
-from data_gen.generate import CliError, OneLineParser
+from data_gen.cli import CliError, OneLineParser
 
 
 def summarize(out: str, samples: int = 2) -> dict[str, object]:
-  """Counts per split; raises CliError if `out` holds no dataset."""
+  """Counts per split; raises CliError if `out` holds no dataset or a damaged one."""
+  if samples < 0:
+    raise CliError(f"--samples must be >= 0, got {samples}")
   if not os.path.isfile(os.path.join(out, "dataset_info.json")):
     raise CliError(f"{out} holds no dataset (no dataset_info.json); run `generate` first")
-  builder = tfds.builder_from_directory(out)
+  try:
+    builder = tfds.builder_from_directory(out)
+  except Exception as e:  # pylint: disable=broad-except  (TFDS raises many kinds here)
+    raise _damaged(out, "its dataset_info.json or features.json cannot be read", e) from e
   summary = {"splits": {}}
-  for split in builder.info.splits:
-    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    records = [_text(source[i]) for i in range(len(source))]
+  for split, info in builder.info.splits.items():
+    try:
+      source = builder.as_data_source(split=split,
+                                      decoders={"image": tfds.decode.SkipDecoding()})
+      records = [_text(source[i]) for i in range(len(source))]
+    except Exception as e:  # pylint: disable=broad-except  (array_record raises RuntimeError)
+      shards = ", ".join(os.path.relpath(str(p), out) for p in info.filepaths)
+      raise _damaged(out, f"its {split} split cannot be read (shards {shards})", e) from e
     per_image = {r["image_id"]: r for r in records}.values()
     words = [len(r["answer"].split()) for r in records] or [0]
     summary["splits"][split] = {
@@ -48,6 +58,13 @@ def summarize(out: str, samples: int = 2) -> dict[str, object]:
     with open(report_path, encoding="utf-8") as f:
       summary["report"] = json.load(f)
   return summary
+
+
+def _damaged(out: str, what: str, error: Exception) -> CliError:
+  lines = str(error).strip().splitlines()
+  return CliError(f"{out}: {what}: {type(error).__name__}: {lines[0] if lines else ''}; the dataset"
+                  " is damaged or incomplete: rerun the command that wrote it (`generate` with the"
+                  " same --out rebuilds it from its journal; the others need a new --out)")
 
 
 def _text(record: dict[str, object]) -> dict[str, str]:
@@ -74,7 +91,7 @@ def _print(summary: dict[str, object]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = OneLineParser(prog="python -m data_gen inspect", description=__doc__.split("\n")[0])
   parser.add_argument("out", help="dataset directory written by generate or import-sharegpt")
-  parser.add_argument("--samples", type=int, default=2, help="sample QA pairs per split")
+  parser.add_argument("--samples", type=int, default=2, help="sample QA pairs per split (>= 0)")
   parser.add_argument("--json", action="store_true", help="print the summary as JSON")
   try:
     args = parser.parse_args(argv)
@@ -82,8 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except CliError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if args.json:
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-  else:
-    _print(summary)
+  try:
+    if args.json:
+      print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+      _print(summary)
+    sys.stdout.flush()
+  except BrokenPipeError:  # `inspect OUT | head`: the reader has all it wanted
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   return 0

@@ -2,10 +2,14 @@
 
 Every result is its own committed transaction (synchronous=FULL), written before the driver
 counts it, so `kill -9` at any moment loses at most the requests still in flight. The primary
-key makes a duplicate impossible; 'ok' and 'refused' rows are final and are never overwritten,
-while a 'failed' row is retried by the next run. Token usage accumulates over retries so the
-report shows what was actually paid for. The API key never reaches this file: results carry
-only answers, counts and short (already redacted) error strings.
+key makes a duplicate impossible; 'ok' and 'refused' rows are final, while a 'failed' row is
+retried by the next run. Each row keeps the fingerprint of what its answer was made from
+(`inputs`, see backends.base): a final row is replaced only by a result made from other inputs
+(the driver re-asked because a label, the prompt, the model or the image changed). Rows of
+journals older than the fingerprint have none and count as made from other inputs. Token usage
+accumulates over retries and re-asks so the report shows what was actually paid for. The API
+key never reaches this file: results carry only answers, counts and short (already redacted)
+error strings.
 """
 
 from __future__ import annotations
@@ -32,21 +36,24 @@ CREATE TABLE IF NOT EXISTS results (
   attempts INTEGER NOT NULL,
   error TEXT,
   updated REAL NOT NULL,
+  inputs TEXT,
   PRIMARY KEY (image_id, attribute)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-# A final row is never replaced; a failed one takes the new outcome and keeps its token bill.
+# A failed row, or a final one made from other inputs, takes the new outcome and keeps its
+# token bill; a final row is never replaced by a result made from the same (or unknown) inputs.
 _UPSERT = """
-INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (image_id, attribute) DO UPDATE SET
   status = excluded.status, answer = excluded.answer, source = excluded.source,
   prompt_tokens = results.prompt_tokens + excluded.prompt_tokens,
   completion_tokens = results.completion_tokens + excluded.completion_tokens,
   attempts = results.attempts + excluded.attempts, error = excluded.error,
-  updated = excluded.updated
+  updated = excluded.updated, inputs = excluded.inputs
 WHERE results.status = 'failed'
+   OR (excluded.inputs IS NOT NULL AND results.inputs IS NOT excluded.inputs)
 """
 
 
@@ -62,6 +69,9 @@ class Journal:
     self._db.execute("PRAGMA journal_mode=WAL")
     self._db.execute("PRAGMA synchronous=FULL")
     self._db.executescript(_SCHEMA)
+    columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+    if "inputs" not in columns:  # a journal from before the fingerprint
+      self._db.execute("ALTER TABLE results ADD COLUMN inputs TEXT")
 
   def close(self) -> None:
     with self._lock:
@@ -73,8 +83,9 @@ class Journal:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def record(self, result: Result, source: str) -> bool:
-    """Durably stores `result`; False if its key was already final (the result is dropped)."""
+  def record(self, result: Result, source: str, inputs: str | None = None) -> bool:
+    """Durably stores `result`, made from `inputs` (a fingerprint); False if its key was already
+    final from the same inputs (the result is dropped)."""
     if result.status not in ("ok", "refused", "failed"):
       raise ValueError(f"unknown result status {result.status!r} for {result.key}")
     if result.status == "ok" and not result.answer:
@@ -82,18 +93,18 @@ class Journal:
     answer = result.answer if result.status == "ok" else None
     row = (result.image_id, result.attribute, result.status, answer, source,
            int(result.prompt_tokens), int(result.completion_tokens), int(result.attempts),
-           result.error, time.time())
+           result.error, time.time(), inputs)
     with self._lock:
       changes = self._db.total_changes
       self._db.execute(_UPSERT, row)
       return self._db.total_changes > changes
 
-  def final_keys(self) -> set[tuple[str, str]]:
-    """Keys that must not be requested again."""
+  def final_inputs(self) -> dict[tuple[str, str], str | None]:
+    """The final keys and what each was made from: not requested again while that matches."""
     with self._lock:
       rows = self._db.execute(
-          "SELECT image_id, attribute FROM results WHERE status IN ('ok', 'refused')")
-      return {tuple(r) for r in rows}
+          "SELECT image_id, attribute, inputs FROM results WHERE status IN ('ok', 'refused')")
+      return {(image_id, attribute): inputs for image_id, attribute, inputs in rows}
 
   def rows(self, status: str | None = None) -> list[dict[str, object]]:
     """Journal rows (optionally of one status), ordered by key."""

@@ -28,7 +28,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data_gen import cards, fairface, synth, tfds_writer
+from data_gen import cards, fairface, inspect, synth, tfds_writer
+from data_gen.cli import CliError, OneLineParser, check_out_dir
 from facellm_jax.evaluation import facexbench
 
 TASKS = tuple(synth.BENCHMARK_TASKS)
@@ -127,8 +128,6 @@ def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  from data_gen.generate import OneLineParser  # pylint: disable=g-import-not-at-top
-
   p = OneLineParser(prog="python -m data_gen mcq", description=__doc__.split("\n")[0])
   p.add_argument("--labels", required=True, help="label CSV with the synthetic world's columns")
   p.add_argument("--images", required=True, help="image root; the CSV's `file` is relative")
@@ -144,10 +143,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from data_gen.generate import CliError  # pylint: disable=g-import-not-at-top
-
   try:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    check_out_dir(args.out)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -156,11 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise CliError(f"--rounds must be >= 1, got {args.rounds}")
     if args.qa and not os.path.isfile(os.path.join(args.qa, "dataset_info.json")):
       raise CliError(f"--qa {args.qa} is not a dataset written by `python -m data_gen generate`")
+    if args.qa:
+      inspect.summarize(args.qa, samples=0)  # a damaged --qa dataset: one line, not a traceback
     faces, bad = fairface.read_labels(args.labels, args.images, progress=not args.no_progress)
     lacking = synth.missing_columns(faces[0].labels) if faces else []
     if lacking:
       raise CliError(f"{args.labels}: MCQ items need the synthetic world's label columns; missing "
                      f"{','.join(lacking)} (write the faces with `python -m data_gen synth`)")
+    faces, unknown = synth.known_faces(faces)  # a label value no option list has: a bad row
+    bad += unknown
     if not faces:
       raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
     counts = write_dataset(faces, args.out, seed=args.seed, tasks=tasks, rounds=args.rounds,
@@ -168,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
     print(f"mcq: error: {e}", file=sys.stderr)
     return 2
+  for row in bad:
+    print(row.skipped(args.labels), file=sys.stderr)
   print(f"wrote {counts['mcq']} MCQ items, {counts['qa']} QA pairs and {counts['cards']} cards to "
         f"{args.out}",
         file=sys.stderr)

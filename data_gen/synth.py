@@ -33,11 +33,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from data_gen.cli import CliError, OneLineParser, check_out_dir, check_out_file
+from data_gen import fairface
 from data_gen.synth_render import (AGE_BINS, EXPRESSIONS, FACTOR_VALUES, GENDERS, HEAD_POSES,
-                                   RACES, encode_jpeg, render_face)
+                                   RACES, check_labels, encode_jpeg, render_face)
+from facellm_jax.input import image as image_lib
 
 __all__ = ["CSV_COLUMNS", "VOCAB", "BENCHMARK_TASKS", "sample_labels", "face_rng", "render_face",
-           "render_jpeg", "missing_columns", "write_dataset", "write_benchmark", "write_preview", "main"]
+           "render_jpeg", "missing_columns", "known_faces", "write_dataset", "write_benchmark",
+           "write_preview", "main"]
 
 FAIRFACE_COLUMNS = ("file", "age", "gender", "race", "service_test")
 EXTRA_COLUMNS = ("expression", "head_pose", "roll", "eyes", "eyeglasses", "facial_hair",
@@ -103,6 +107,20 @@ def missing_columns(labels: Mapping[str, object]) -> list[str]:
   """The synthetic world's label columns a face's labels lack (a real FairFace CSV lacks the
   extra ones); items built from the ground truth need them all."""
   return [c for c in CSV_COLUMNS if c != "file" and c not in labels]
+
+
+def known_faces(faces: Sequence[fairface.Face]) -> tuple[list[fairface.Face], list[fairface.BadRow]]:
+  """The faces whose every label is in this world's vocabularies, and the others as bad rows
+  naming each unknown value. Items built from the ground truth (MCQ, cards) skip those rows,
+  as the label reader skips its bad rows, instead of failing on, or inventing, an option."""
+  good, bad = [], []
+  for face in faces:
+    try:
+      check_labels(face.labels)
+      good.append(face)
+    except ValueError as e:
+      bad.append(fairface.BadRow(face.line, face.image_id, str(e)))
+  return good, bad
 
 
 def write_dataset(out_dir: str | Path, num: int, seed: int, size: int = 112,
@@ -286,7 +304,7 @@ def write_preview(csv_path: str | Path, out_path: str | Path, cols: int = 8, row
   for k, row in enumerate(entries):
     x, y = pad + (k % cols) * (tile + pad), pad + (k // cols) * cell_h
     with Image.open(csv_path.parent / row["file"]) as face:
-      sheet.paste(face.convert("RGB").resize((tile, tile)), (x, y))
+      sheet.paste(image_lib.rgb_image(face).resize((tile, tile)), (x, y))
     for j, line in enumerate(_caption(row)):
       draw.text((x, y + tile + j * line_h), line, fill=(20, 20, 20), font=font)
   out_path = Path(out_path)
@@ -296,23 +314,13 @@ def write_preview(csv_path: str | Path, out_path: str | Path, cols: int = 8, row
 
 
 # ----------------------------------------------------------------------------- CLI
-class _UsageError(Exception):
-  pass
-
-
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):
-    raise _UsageError(message)
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = _Parser(prog="python -m data_gen synth",
-              description="Render synthetic faces with ground truth (FairFace layout) and an "
-                          "optional held-out FaceXBench-style benchmark.")
+  p = OneLineParser(prog="python -m data_gen synth",
+                    description="Render synthetic faces with ground truth (FairFace layout) and an "
+                                "optional held-out FaceXBench-style benchmark.")
   p.add_argument("--out", required=True, type=Path, help="dataset folder (labels.csv, train/)")
   p.add_argument("--num", required=True, type=int, help="number of faces in the dataset")
-  p.add_argument("--seed", required=True, type=int, help="same seed, same bytes")
+  p.add_argument("--seed", required=True, type=int, help="same seed, same bytes (>= 0)")
   p.add_argument("--split", default="train", help="image subfolder and `file` prefix")
   p.add_argument("--benchmark-out", type=Path, help="folder for the held-out benchmark")
   p.add_argument("--benchmark-num", type=int, help="questions per benchmark task (default 50)")
@@ -320,24 +328,28 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--preview", type=Path, help="write a contact sheet PNG of the first faces")
   args = p.parse_args(argv)
   if args.num < 1:
-    raise _UsageError(f"--num must be at least 1, got {args.num}")
+    raise CliError(f"--num must be at least 1, got {args.num}")
+  if args.seed < 0:
+    raise CliError(f"--seed must be a non-negative integer (numpy seeds are), got {args.seed}")
   if not 32 <= args.size <= 1024:
-    raise _UsageError(f"--size must be between 32 and 1024 pixels, got {args.size}")
+    raise CliError(f"--size must be between 32 and 1024 pixels, got {args.size}")
   if not args.split or not args.split.replace("_", "").replace("-", "").isalnum():
-    raise _UsageError(f"--split must be a plain folder name like 'train', got {args.split!r}")
+    raise CliError(f"--split must be a plain folder name like 'train', got {args.split!r}")
   if args.benchmark_num is not None and args.benchmark_out is None:
-    raise _UsageError("--benchmark-num needs --benchmark-out DIR2")
+    raise CliError("--benchmark-num needs --benchmark-out DIR2")
   if args.benchmark_out is not None:
     args.benchmark_num = 50 if args.benchmark_num is None else args.benchmark_num
     if args.benchmark_num < 1:
-      raise _UsageError(f"--benchmark-num must be at least 1, got {args.benchmark_num}")
+      raise CliError(f"--benchmark-num must be at least 1, got {args.benchmark_num}")
     if args.benchmark_out.resolve() == args.out.resolve():
-      raise _UsageError("--benchmark-out must differ from --out (the benchmark is held out)")
+      raise CliError("--benchmark-out must differ from --out (the benchmark is held out)")
   for flag, path in (("--out", args.out), ("--benchmark-out", args.benchmark_out)):
-    if path is not None and path.exists() and not path.is_dir():
-      raise _UsageError(f"{flag} {path} exists and is not a folder")
-  if args.preview is not None and args.preview.suffix.lower() != ".png":
-    raise _UsageError(f"--preview must be a .png file, got {args.preview}")
+    if path is not None:
+      check_out_dir(str(path), flag)
+  if args.preview is not None:
+    if args.preview.suffix.lower() != ".png":
+      raise CliError(f"--preview must be a .png file, got {args.preview}")
+    check_out_file(str(args.preview), "--preview")
   return args
 
 
@@ -345,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     args = _parse(argv)
-  except _UsageError as e:
+  except CliError as e:
     print(f"synth: error: {e}", file=sys.stderr)
     return 2
   try:

@@ -31,6 +31,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_info, file_adapters, naming, utils
 from tensorflow_datasets.core import splits as split_lib
 
+from facellm_jax.input import image as image_lib
+
 DATASET_NAME = "fairfacegpt"
 VERSION = "1.0.0"
 # The synthetic world's ground-truth columns; stored as strings ("" where a CSV lacks one).
@@ -86,14 +88,14 @@ def _unit_hash(image_id: str, seed: int) -> float:
 
 
 def jpeg_bytes(path: str) -> bytes:
-  """The original file when it is an RGB or grey JPEG; otherwise a faithful JPEG re-encode."""
+  """The original file when it is an RGB or grey JPEG; otherwise a JPEG of the shared decode."""
   with open(path, "rb") as f:
     data = f.read()
   with Image.open(io.BytesIO(data)) as image:
     if image.format == "JPEG" and image.mode in ("RGB", "L"):
       return data
     out = io.BytesIO()
-    image.convert("RGB").save(out, format="JPEG", quality=95)
+    image_lib.rgb_image(image).save(out, format="JPEG", quality=95)
     return out.getvalue()
 
 

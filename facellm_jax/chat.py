@@ -6,7 +6,9 @@ loop: type a question, `/image PATH [PATH ...]` to change the images (no path: n
 
 `--detect-face` crops each image to its largest face FairFace-style (margin 0.25, see
 `input/face_crop.py`), for photos that are not already face crops. Greedy decoding unless
-`--temperature` > 0.
+`--temperature` > 0. The defaults are the reference's `inference.py` (idiap/facellm): the HF
+processor's dynamic tiling (up to 12 tiles + a thumbnail), up to 500 new tokens, no system
+message; `--fast` is one tile and 256 tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from facellm_jax.inference import answer, load
 from facellm_jax.input import face_crop
 from facellm_jax.input import image as image_lib
 
+# idiap/facellm inference.py: generate(max_new_tokens=500) on AutoProcessor inputs (tiling on).
+REFERENCE = {"max_new_tokens": 500, "max_tiles": 12}
+FAST = {"max_new_tokens": 256, "max_tiles": 1}
 HELP = "Type a question; /image PATH [PATH ...] changes the images (none: no image); /quit leaves."
 
 
@@ -29,13 +34,18 @@ def _parser() -> load.ArgumentParser:
   parser.add_argument("--image", action="append", default=[], help="image file (repeat for several, in order)")
   parser.add_argument("--detect-face", dest="detect_face", action="store_true",
                       help="crop each image to its largest face, FairFace-style (margin 0.25)")
-  parser.add_argument("--max_new_tokens", type=int, default=256, help="answer length limit in tokens")
+  parser.add_argument("--max_new_tokens", type=int, default=None,
+                      help=f"answer length limit in tokens (default {REFERENCE['max_new_tokens']}, "
+                           f"{FAST['max_new_tokens']} with --fast)")
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
   parser.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-  parser.add_argument("--max_tiles", type=int, default=1, help="InternVL dynamic tiling: tiles per image (1 = off)")
-  parser.add_argument("--system_prompt", default=None, help="system message before the question")
+  parser.add_argument("--max_tiles", type=int, default=None,
+                      help=f"InternVL dynamic tiling: at most this many tiles + a thumbnail per image, 1 = off "
+                           f"(default {REFERENCE['max_tiles']}, {FAST['max_tiles']} with --fast)")
+  parser.add_argument("--fast", action="store_true", help="one tile per image and shorter answers")
+  parser.add_argument("--system_prompt", default=None, help="system message before the question (default: none)")
   parser.add_argument("question", nargs="*", help="the question (none: interactive mode)")
   return parser
 
@@ -95,6 +105,9 @@ def interactive(model, config, tokenizer, images: list[np.ndarray], settings: di
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  for key, value in (FAST if args.fast else REFERENCE).items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
   settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, max_tiles=args.max_tiles, system_prompt=args.system_prompt)
   question = " ".join(args.question).strip()

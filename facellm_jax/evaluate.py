@@ -12,6 +12,13 @@ Use one `--out` folder per model.
 adds `fairness.json` and `fairness.png` beside the report: accuracy of the age / gender / race
 questions per group for the questions whose single image is a labelled face.
 
+The defaults are the reference's FaceXBench run (idiap/facellm `vlmeval/vlm/facellm.py`): the HF
+processor's image preprocessing, i.e. dynamic tiling on (GotOcr2 `crop_to_patches`, 1 to 12 tiles
+plus a thumbnail), up to 2,048 new tokens, and a user turn only (no system message: the
+InternVL-hf chat template adds none). `--fast` is one tile per image and 32 new tokens (enough
+for an option letter); an explicit `--max_tiles` / `--max_new_tokens` overrides either. The
+report records the settings used and which preset they came from.
+
 Bad input (a folder with no JSON, a missing image, a workdir without a checkpoint, ...) is a
 one-line error and exit code 2, before any model time is spent.
 """
@@ -27,6 +34,10 @@ from facellm_jax.evaluation import facexbench, fairness
 from facellm_jax.inference import answer, load
 
 RUN_FILE = "evaluation_run.json"
+# vlmeval/vlm/facellm.py: generate(max_tokens=2048) through AutoProcessor (InternVLProcessor's
+# images_kwargs default crop_to_patches=True, GotOcr2's min_patches 1 / max_patches 12).
+REFERENCE = {"max_new_tokens": 2048, "max_tiles": 12}
+FAST = {"max_new_tokens": 32, "max_tiles": 1}
 
 
 def _parser() -> load.ArgumentParser:
@@ -36,9 +47,15 @@ def _parser() -> load.ArgumentParser:
   parser.add_argument("--out", required=True, help="report JSON path; predictions.jsonl goes beside it")
   parser.add_argument("--prepend_text", action="store_true", help="put each file's prepend_text before the question")
   parser.add_argument("--batch_size", type=int, default=8, help="questions per generation call")
-  parser.add_argument("--max_new_tokens", type=int, default=32, help="answer length limit in tokens")
-  parser.add_argument("--max_tiles", type=int, default=1, help="InternVL dynamic tiling: tiles per image (1 = off)")
-  parser.add_argument("--system_prompt", default=None, help="system message before each question")
+  parser.add_argument("--max_new_tokens", type=int, default=None,
+                      help=f"answer length limit in tokens (default {REFERENCE['max_new_tokens']}, "
+                           f"{FAST['max_new_tokens']} with --fast)")
+  parser.add_argument("--max_tiles", type=int, default=None,
+                      help=f"InternVL dynamic tiling: at most this many tiles + a thumbnail per image, 1 = off "
+                           f"(default {REFERENCE['max_tiles']}, {FAST['max_tiles']} with --fast)")
+  parser.add_argument("--fast", action="store_true",
+                      help="one tile per image and short answers instead of the reference's settings")
+  parser.add_argument("--system_prompt", default=None, help="system message before each question (default: none)")
   parser.add_argument("--fairness_labels", help="FairFace-format labels.csv of the benchmark's face images")
   return parser
 
@@ -80,6 +97,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 def run(args) -> dict:
   """The evaluation behind the CLI; returns the report."""
+  preset = FAST if args.fast else REFERENCE
+  for key, value in preset.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
   if args.batch_size < 1 or args.max_new_tokens < 1 or args.max_tiles < 1:
     raise ValueError("--batch_size, --max_new_tokens and --max_tiles must be >= 1")
   questions = facexbench.load_benchmark(args.facexbench)
@@ -111,7 +132,7 @@ def run(args) -> dict:
 
   report = facexbench.evaluate(questions, generate_fn, out.parent, batch_size=args.batch_size,
                                prepend=args.prepend_text)
-  report.update(run_info)
+  report.update(run_info, preset="fast" if args.fast else "reference")
   _write_json(out, report)
   if out.name != "report.json":  # `evaluate` always writes one there; --out is the report.
     (out.parent / "report.json").unlink(missing_ok=True)

@@ -1,5 +1,7 @@
 """Import and export of HuggingFace `InternVLForConditionalGeneration` checkpoints (safetensors only).
 
+Original-layout `InternVLChatModel` directories load too, through `hf_original` in front of the table.
+
 The mapping is one table: a regex on the HF key -> our NNX parameter path + a layout transform.
 Loading fills an `nnx.eval_shape` skeleton and reports every mismatch in one error.
 """
@@ -18,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from facellm_jax import hf_original
 from facellm_jax.models.config import FaceLLMConfig, from_hf_dict, to_hf_dict
 from facellm_jax.models.facellm import FaceLLM
 
@@ -129,7 +132,8 @@ def read_config(path: str | Path) -> FaceLLMConfig:
   cfg_file = path / "config.json"
   if not cfg_file.exists():
     raise FileNotFoundError(f"{path} is not a HF checkpoint directory: config.json is missing")
-  return from_hf_dict(json.loads(cfg_file.read_text()))
+  d = json.loads(cfg_file.read_text())
+  return from_hf_dict(hf_original.hf_config(d, path) if hf_original.is_original(d) else d)
 
 
 def abstract_model(config: FaceLLMConfig, dtype=jnp.float32, compute_dtype=None) -> FaceLLM:
@@ -138,13 +142,15 @@ def abstract_model(config: FaceLLMConfig, dtype=jnp.float32, compute_dtype=None)
 
 def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None,
                     shardings: Any = None) -> tuple[FaceLLM, FaceLLMConfig]:
-  """Reads a HF InternVL directory into a FaceLLM with `dtype` parameters.
+  """Reads a HF InternVL directory, `-hf` or original layout (told apart by config.json), into a
+  FaceLLM with `dtype` parameters.
 
   `shardings`, if given, is a state-shaped tree of `NamedSharding`s (see `models.sharding`);
   each tensor goes straight to its shards, so the full model never sits on one device.
   """
   path = Path(path)
   config = read_config(path)
+  original = hf_original.is_original(json.loads((path / "config.json").read_text()))
   model = abstract_model(config, dtype, compute_dtype)
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
@@ -156,6 +162,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None,
   unexpected, wrong_shape = [], []
   for file in _safetensor_files(path):
     with safe_open(str(file), framework="flax") as f:
+      f = hf_original.HFView(f, config.vision.hidden_size) if original else f  # the original layout, -hf names
       for raw_key in f.keys():
         key = canonical_key(raw_key)
         mapped = _translate(_FORWARD, key)

@@ -108,7 +108,7 @@ def test_sizes_reproduce_the_paper_recipe(name):
                                    "down_proj"}
   assert (cfg.train.learning_rate, cfg.train.schedule, cfg.train.compute_dtype) == (
       1e-5, "cosine", "bfloat16")
-  assert (cfg.data.cutoff_len, cfg.train.batch_size) == (2048, 96)
+  assert cfg.data.cutoff_len == 2048  # the per-size batch is pinned in test_recipe.py
   assert cfg.train.batch_size % cfg.train.grad_accum == 0
   steps = cfg.train.num_steps  # one epoch of FairFaceGPT, not more
   assert (steps - 1) * cfg.train.batch_size < FAIRFACEGPT_EXAMPLES <= steps * cfg.train.batch_size

@@ -101,3 +101,31 @@ def test_missing_csv_and_missing_root_are_errors(tmp_path):
     ("/etc/passwd", False), ("", False), ("C:\\x.jpg", False), ("..\\x.jpg", False)])
 def test_safe_relative_path(name, ok):
   assert fairface.safe_relative_path(name) is ok
+
+
+def test_a_symlink_that_leads_outside_the_image_root_is_a_bad_row(tmp_path):
+  root = tmp_path / "img"
+  _image(str(root), "inside.jpg")
+  _image(str(tmp_path / "private"), "secret.jpg")
+  (root / "escape.jpg").symlink_to(tmp_path / "private" / "secret.jpg")
+  (root / "sub").symlink_to(tmp_path / "private", target_is_directory=True)
+  (root / "alias.jpg").symlink_to(root / "inside.jpg")  # stays inside: fine
+  csv_path = _csv(tmp_path, [
+      "inside.jpg,20-29,Female,White,True,happy",
+      "escape.jpg,20-29,Female,White,True,happy",
+      "sub/secret.jpg,20-29,Female,White,True,happy",
+      "alias.jpg,20-29,Female,White,True,happy",
+  ])
+  for check_images in (True, False):
+    faces, bad = fairface.read_labels(csv_path, str(root), check_images=check_images,
+                                      progress=False)
+    assert [f.image_id for f in faces] == ["inside.jpg", "alias.jpg"]
+    assert [(b.line, b.image_id) for b in bad] == [(3, "escape.jpg"), (4, "sub/secret.jpg")]
+    assert all("outside the image root" in b.reason and "secret.jpg" in b.reason for b in bad)
+
+
+def test_an_image_root_that_is_itself_a_symlink_is_fine(tmp_path):
+  _image(str(tmp_path / "real"), "a.jpg")
+  (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+  assert fairface.image_problem(str(tmp_path / "link"), "a.jpg") is None
+  assert "must be a relative path" in fairface.image_problem(str(tmp_path / "link"), "../a.jpg")

@@ -1,9 +1,12 @@
 """`generate` end to end with the offline backend: exactly once, resumable, crash-safe."""
 
 import csv
+import json
 import os
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -146,7 +149,7 @@ class ScriptedBackend:
   def __init__(self, refuse=("pose",), fail=("lighting",)):
     self.refuse, self.fail, self.seen = refuse, fail, []
 
-  async def run(self, requests, emit, meta):
+  async def run(self, requests, emit, meta, retrying=None):
     for r in requests:
       self.seen.append(r.key)
       if r.attribute in self.refuse:
@@ -252,7 +255,7 @@ class LeakyBackend:
   def __init__(self, secret):
     self.secret = secret
 
-  async def run(self, requests, emit, meta):
+  async def run(self, requests, emit, meta, retrying=None):
     for r in requests:
       emit(Result(r.image_id, r.attribute, "failed", error=f"401 bad key {self.secret}"))
     raise RuntimeError(f"auth failed for key {self.secret}")
@@ -355,3 +358,193 @@ def test_openai_backends_through_a_faulty_server_store_each_answer_once(world, t
     for name in names:
       with open(os.path.join(directory, name), "rb") as f:
         assert fake.api_key.encode() not in f.read()
+
+
+def _edited_world(world, tmp_path, edit):
+  """A copy of the world whose CSV rows are changed by `edit(row) -> row`."""
+  copy = tmp_path / "world"
+  shutil.copytree(world, copy)
+  with open(world / "labels.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  with open(copy / "labels.csv", "w", newline="") as f:
+    csv.writer(f).writerows([rows[0]] + [edit(list(r)) for r in rows[1:]])
+  return copy
+
+
+def _relabel_2(row):
+  if row[0] == "val/2.jpg":  # was a Black boy aged 3-9
+    row[2:4] = ["Female", "White"]
+  return row
+
+
+def test_an_answer_made_from_edited_labels_is_asked_again(world, tmp_path, capsys):
+  out = tmp_path / "out"
+  attributes = ["--attributes", "demographics,expression"]
+  assert generate.main(_args(world, out, *attributes)) == 0
+  before = {k[:2]: k[2] for k in _keyed(_read(out)["train"])}
+  assert "boy" in before[("val/2.jpg", "demographics")]
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  capsys.readouterr()
+  assert generate.main(_args(edited, out, *attributes)) == 0
+  assert "requested 2 (2 redone: made from other inputs)" in capsys.readouterr().err
+  report = inspect_cmd.summarize(str(out))["report"]
+  assert (report["requested"], report["redone"], report["already_done"]) == (2, 2, 10)
+  after = {k[:2]: k[2] for k in _keyed(_read(out)["train"])}
+  labels = dict(zip(("age", "gender", "race") + EXTRA, ROWS[1][1:]), gender="Female",
+                race="White")
+  for attribute in ("demographics", "expression"):
+    assert after[("val/2.jpg", attribute)] == OfflineBackend(0).answer("val/2.jpg", attribute,
+                                                                       labels)
+  assert "girl" in after[("val/2.jpg", "demographics")]
+  assert "White" in after[("val/2.jpg", "demographics")]
+  assert {k: v for k, v in after.items() if k[0] != "val/2.jpg"} == {
+      k: v for k, v in before.items() if k[0] != "val/2.jpg"}
+  assert generate.main(_args(edited, out, *attributes)) == 0  # and then it is settled
+  assert inspect_cmd.summarize(str(out))["report"]["requested"] == 0
+
+
+def test_stale_refuse_stops_before_any_request(world, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert generate.main(_args(world, out, "--attributes", "pose")) == 0
+  first = _keyed(_read(out)["train"])
+  capsys.readouterr()
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  assert generate.main(_args(edited, out, "--attributes", "pose", "--stale", "refuse")) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "1 journaled answer(s)" in err and "val/2.jpg pose" in err
+  assert "--stale redo" in err
+  assert _keyed(_read(out)["train"]) == first
+
+
+def test_a_stale_answer_never_reaches_the_dataset_even_when_its_redo_fails(world, tmp_path):
+  out = tmp_path / "out"
+  options = generate.RunOptions(str(out), ["pose"], progress=False)
+  generate.run(*_faces(world), ScriptedBackend(refuse=(), fail=()), options)
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  again = ScriptedBackend(refuse=(), fail=("pose",))
+  report = generate.run(*_faces(edited), again, options)
+  assert again.seen == [("val/2.jpg", "pose")]
+  assert (report["written"], report["failed"], report["redone"]) == (5, 1, 1)
+  assert "val/2.jpg" not in {r["image_id"].decode() for r in _read(out)["train"]}
+
+
+def test_through_the_openai_server_only_changed_labels_or_images_are_asked_again(
+    world, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  edited = _edited_world(world, tmp_path, _relabel_2)
+  with FakeOpenAI() as fake:
+    monkeypatch.setenv("OPENAI_API_KEY", fake.api_key)
+    argv = ["--backend", "openai", "--base-url", fake.base_url, "--attributes", "pose,lighting"]
+    assert generate.main(_args(world, out, *argv)) == 0
+    assert len(fake.chat_calls()) == 12
+    assert generate.main(_args(edited, out, *argv)) == 0
+    second = fake.chat_calls()[12:]
+    Image.fromarray(np.full((24, 20, 3), 7, np.uint8)).save(edited / "img" / "val" / "5.jpg")
+    assert generate.main(_args(edited, out, *argv)) == 0
+    third = fake.chat_calls()[12 + len(second):]
+  faces, _ = _faces(edited)
+  requests = {r.key: r for r in generate.build_requests(faces, ["pose", "lighting"],
+                                                        prompts.PromptSet())}
+  assert sorted(c.key for c in second) == sorted(
+      key_of(requests[("val/2.jpg", a)]) for a in ("pose", "lighting"))
+  assert sorted(c.key for c in third) == sorted(
+      key_of(requests[("val/5.jpg", a)]) for a in ("pose", "lighting"))
+  records = _read(out)["train"]
+  assert len(records) == 12
+  for r in records:
+    key = (r["image_id"].decode(), r["attribute"].decode())
+    assert r["answer"].decode() == expected_answer(requests[key])  # the new prompt, the new image
+  report = inspect_cmd.summarize(str(out))["report"]
+  assert (report["requested"], report["redone"]) == (2, 2)
+
+
+def test_each_backend_fingerprints_what_its_answer_is_made_from(world):
+  from data_gen.backends.openai_chat import OpenAIChatBackend  # pylint: disable=g-import-not-at-top
+
+  faces, _ = _faces(world)
+  base = generate.build_requests(faces[:1], ["pose"], prompts.PromptSet())
+  other_prompt = generate.build_requests(
+      faces[:1], ["pose"], prompts.PromptSet(user={**prompts.USER_PROMPTS, "pose": "Pose?"}))
+
+  def inputs(requests, backend):
+    return generate.fingerprinted(requests, backend)[0].inputs
+
+  offline = OfflineBackend(seed=0)
+  assert inputs(base, offline) == inputs(other_prompt, offline)  # offline answers ignore prompts
+  assert inputs(base, offline) != inputs(base, OfflineBackend(seed=1))
+  chat = OpenAIChatBackend("gpt-4o-2024-11-20", "sk-x", None, 1)
+  assert inputs(base, chat) != inputs(other_prompt, chat)
+  assert inputs(base, chat) != inputs(base, OpenAIChatBackend("gpt-4o-mini", "sk-x", None, 1))
+  assert inputs(base, chat) == inputs(base, OpenAIChatBackend("gpt-4o-2024-11-20", "sk-y", None, 8))
+
+
+def _closed_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_an_unreachable_server_shows_its_cause_as_it_happens_and_fails_the_run(
+    world, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable-0123456789")
+  out = tmp_path / "out"
+  url = f"http://127.0.0.1:{_closed_port()}/v1"
+  argv = [*_args(world, out, "--backend", "openai", "--base-url", url, "--attributes", "pose",
+                 "--max-retries", "1")]
+  argv.remove("--no-progress")  # the progress line is what a user watches
+  assert generate.main(argv) == 1
+  err = capsys.readouterr().err
+  cause = "connection failed: ConnectionRefusedError: [Errno 111]"
+  assert err.count(f"{cause}") >= 2 and "retrying" in err  # a line when it first happens ...
+  assert f"last={cause}" in err and "retries=" in err  # ... and on the progress line
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: all 6 requests of this run failed, 6 with: " + cause), last
+  assert "no answer was journaled" in last
+  report = json.loads((out / "report.json").read_text())
+  assert (report["written"], report["failed"], report["run"]["ok"]) == (0, 6, 0)
+  ((reason, count),) = report["failures_by_cause"].items()
+  assert reason.startswith(cause) and count == 6
+  assert sum(report["run"]["retries"].values()) == 6  # one retry each, then the cause is final
+  assert not (out / "dataset_info.json").exists()
+  with sqlite3.connect(out / generate.JOURNAL_FILE) as db:
+    assert db.execute("SELECT COUNT(*) FROM results WHERE status != 'failed'").fetchone() == (0,)
+
+
+def test_an_unreachable_batch_api_is_one_line_and_journals_nothing(world, tmp_path, monkeypatch,
+                                                                   capsys):
+  monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable-0123456789")
+  out = tmp_path / "out"
+  url = f"http://127.0.0.1:{_closed_port()}/v1"
+  assert generate.main(_args(world, out, "--backend", "openai-batch", "--base-url", url,
+                             "--max-retries", "0", "--attributes", "pose")) == 1
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith(f"error: while requesting answers: could not upload the batch input at {url}:"
+                         " connection failed: ConnectionRefusedError"), line
+  assert line.endswith("nothing of this run was journaled")
+  assert _journal_rows(out) == 0 and not (out / "dataset_info.json").exists()
+
+
+def test_a_run_with_some_failures_completes_and_names_their_cause(world, tmp_path, capsys):
+  options = generate.RunOptions(str(tmp_path / "out"), ["pose", "lighting"], progress=False)
+  report = generate.run(*_faces(world), ScriptedBackend(refuse=(), fail=("lighting",)), options)
+  assert report["failures_by_cause"] == {"503": 6} and report["run"]["failures"] == {"503": 6}
+  assert report["written"] == 6
+
+
+def test_ctrl_c_says_how_much_of_the_run_is_journaled_and_the_rerun_finishes(world, tmp_path):
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "data_gen", "generate", *_args(world, out, "--offline-delay", "0.1")]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while time.time() < deadline and _journal_rows(out) < 5:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  err = proc.communicate(timeout=60)[1]
+  assert proc.returncode == 130
+  (line,) = err.strip().splitlines()
+  done = _journal_rows(out)
+  assert line == (f"interrupted while requesting answers; {done} result(s) of this run are"
+                  " journaled: rerun the same command to resume"), line
+  assert generate.main(_args(world, out)) == 0
+  report = inspect_cmd.summarize(str(out))["report"]
+  assert (report["already_done"], report["written"]) == (done, 48)

@@ -78,7 +78,7 @@ def test_grayscale_and_rgba_become_rgb():
   ref = image_lib.preprocess(np.full((8, 8, 3), 77, np.uint8), 8)
   for img in (gray, gray[..., None], rgba):
     np.testing.assert_array_equal(image_lib.preprocess(img, 8), ref)
-  with pytest.raises(ValueError, match="expected a uint8 image"):
+  with pytest.raises(ValueError, match="expected a uint8 or uint16 image"):
     image_lib.preprocess(np.zeros((8, 8, 3), np.float32), 8)
   with pytest.raises(ValueError, match=r"got \(8, 8, 2\)"):
     image_lib.preprocess(np.zeros((8, 8, 2), np.uint8), 8)
@@ -93,3 +93,20 @@ def test_load_image_reads_rgb_and_explains_unreadable_files(tmp_path):
     image_lib.load_image(tmp_path / "broken.jpg")
   with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
     image_lib.load_image(tmp_path / "missing.png")
+
+
+def test_16_bit_greyscale_png_is_scaled_by_255_over_65535_not_clipped(tmp_path):
+  values = np.random.default_rng(4).integers(0, 65536, (9, 11), dtype=np.uint16)
+  values[0, :3] = (0, 257 * 100, 65535)
+  Image.fromarray(values).save(tmp_path / "deep.png")
+  with Image.open(tmp_path / "deep.png") as img:
+    assert img.mode.startswith("I;16")  # what PIL decodes a 16-bit greyscale PNG to
+  expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  loaded = image_lib.load_image(tmp_path / "deep.png")
+  assert loaded.shape == (9, 11, 3)
+  for channel in range(3):
+    np.testing.assert_array_equal(loaded[..., channel], expected)
+  assert tuple(loaded[0, :3, 0]) == (0, 100, 255)
+  np.testing.assert_array_equal(image_lib.to_rgb(values), loaded)
+  with Image.open(tmp_path / "deep.png") as img:  # mode I: the same samples as 32-bit ints
+    np.testing.assert_array_equal(np.asarray(image_lib.rgb_image(img.convert("I"))), loaded)

@@ -70,7 +70,7 @@ def _answer_index(tok, batch, r, sl):
 
 def test_example_loss_tokens_are_the_answer_and_targets_are_the_next_tokens(tok, records):
   ex = pipeline.record_to_example(records[3], tok, image_size=S, num_image_tokens=N, seq_len=200)
-  assert tok.decode(ex["targets"][ex["loss_mask"] > 0]) == _answer(3) + "<|im_end|>"
+  assert tok.decode(ex["targets"][ex["loss_mask"] > 0]) == _answer(3) + "<|im_end|>\n"
   np.testing.assert_array_equal(ex["input_ids"][1:], ex["targets"][:-1])
   assert ex["input_ids"][0] == tok.im_start_id and ex["targets"][-1] == tok.encode("\n")[0]
   assert (ex["input_ids"] == tok.image_token_id).sum() == N
@@ -103,7 +103,7 @@ def test_truncation_drops_a_cut_image_whole(tok):
   assert len(ex["input_ids"]) == second - 1  # everything from the second image on is gone
   assert (ex["input_ids"] == tok.image_token_id).sum() == N
   np.testing.assert_array_equal(ex["pixel_values"], pixels[:1])
-  assert tok.decode(ex["targets"][ex["loss_mask"] > 0]) == "One.<|im_end|>"
+  assert tok.decode(ex["targets"][ex["loss_mask"] > 0]) == "One.<|im_end|>\n"
   whole = pipeline.fit_example(ids, mask, pixels, seq_len=end, image_token_id=tok.image_token_id,
                                num_image_tokens=N)
   assert (whole["input_ids"] == tok.image_token_id).sum() == 3 * N and len(whole["pixel_values"]) == 3
@@ -122,7 +122,7 @@ def test_padded_batches_have_fixed_shapes_and_loss_only_on_answers(tok, records)
         "num_images": ((3,), "int32")}
     for r, _, sl in _segments(b):
       i, text = _answer_index(tok, b, r, sl)
-      assert text == _answer(i) + "<|im_end|>"
+      assert text == _answer(i) + "<|im_end|>\n"
       seen.append(i)
     pad = b["segment_ids"] == 0
     assert (b["input_ids"][pad] == tok.pad_id).all() and (b["loss_mask"][pad] == 0).all()
@@ -140,7 +140,7 @@ def test_packing_keeps_examples_whole_and_images_in_reading_order(tok, records):
       np.testing.assert_array_equal(b["input_ids"][r, sl][1:], b["targets"][r, sl][:-1])
       assert b["input_ids"][r, sl.start] == tok.im_start_id
       i, text = _answer_index(tok, b, r, sl)
-      assert text == _answer(i) + "<|im_end|>"  # never split
+      assert text == _answer(i) + "<|im_end|>\n"  # never split
       assert (b["input_ids"][r, sl] == tok.image_token_id).sum() == N
       order.append(i)
     assert (b["segment_ids"].max(axis=1) > 1).any()  # several examples share a row

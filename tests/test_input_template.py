@@ -72,14 +72,24 @@ def test_render_prompt_matches_hf_generation_prompt(tok, tok_dir):
   assert tok.decode(ids).endswith("please.<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_loss_tokens_decode_to_exactly_the_answers_and_their_im_end(tok):
+def test_loss_tokens_decode_to_exactly_the_answers_and_their_im_end_newline(tok):
   ids, mask = template.render_conversation(CONVERSATION, tok, N, system_prompt="Be brief.")
   assert mask.dtype == np.float32 and set(np.unique(mask)) == {0.0, 1.0}
   edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
   runs = [tok.decode(ids[a:b]) for a, b in zip(edges[0::2], edges[1::2])]
-  assert runs == [m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant"]
+  assert runs == [m["content"] + "<|im_end|>\n" for m in CONVERSATION if m["role"] == "assistant"]
   assert tok.decode(ids[mask == 0]).count("<|im_start|>assistant\n") == 2
   assert not np.any(mask[ids == tok.image_token_id])
+
+
+def test_empty_system_prompt_renders_nothing(tok):
+  none, _ = template.render_conversation(CONVERSATION[:2], tok, N)
+  for empty in ("", None):
+    ids, _ = template.render_conversation(CONVERSATION[:2], tok, N, system_prompt=empty)
+    assert ids.tolist() == none.tolist()
+  explicit, _ = template.render_conversation([{"role": "system", "content": ""}] + CONVERSATION[:2], tok, N)
+  assert explicit.tolist() == none.tolist()
+  assert tok.decode(none).startswith("<|im_start|>user\n")
 
 
 def test_system_prompt_is_prepended_once(tok):

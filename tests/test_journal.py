@@ -1,6 +1,7 @@
 """Journal: final results are never replaced, failed ones are, and a SIGKILL loses nothing."""
 
 import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -20,13 +21,13 @@ def test_final_results_are_never_overwritten(tmp_path):
     assert rows[("a.jpg", "pose")]["answer"] == "frontal"
     assert rows[("b.jpg", "pose")]["status"] == "refused"
     assert rows[("b.jpg", "pose")]["answer"] is None
-    assert journal.final_keys() == {("a.jpg", "pose"), ("b.jpg", "pose")}
+    assert journal.final_inputs() == {("a.jpg", "pose"): None, ("b.jpg", "pose"): None}
 
 
 def test_failed_results_are_retried_and_their_tokens_kept(tmp_path):
   with Journal(str(tmp_path / "j.sqlite")) as journal:
     journal.record(Result("a.jpg", "pose", "failed", prompt_tokens=100, error="timeout"), "x")
-    assert journal.final_keys() == set()
+    assert journal.final_inputs() == {}
     assert journal.record(Result("a.jpg", "pose", "ok", answer="frontal", prompt_tokens=120,
                                  completion_tokens=30, attempts=2), "openai")
     (row,) = journal.rows("ok")
@@ -35,6 +36,36 @@ def test_failed_results_are_retried_and_their_tokens_kept(tmp_path):
     assert journal.summary() == {"ok": 1, "refused": 0, "failed": 0, "prompt_tokens": 220,
                                  "completion_tokens": 30}
     assert journal.summary([("other.jpg", "pose")])["ok"] == 0
+
+
+def test_a_final_result_is_replaced_only_by_one_made_from_other_inputs(tmp_path):
+  with Journal(str(tmp_path / "j.sqlite")) as journal:
+    assert journal.record(Result("a.jpg", "pose", "ok", answer="old", prompt_tokens=10), "x", "v1")
+    assert not journal.record(Result("a.jpg", "pose", "ok", answer="dup"), "x", "v1")
+    assert not journal.record(Result("a.jpg", "pose", "ok", answer="stray"), "x", None)
+    assert journal.final_inputs() == {("a.jpg", "pose"): "v1"}
+    assert journal.record(Result("a.jpg", "pose", "ok", answer="new", prompt_tokens=12), "x", "v2")
+    (row,) = journal.rows()
+    assert (row["answer"], row["inputs"], row["prompt_tokens"]) == ("new", "v2", 22)
+    assert journal.record(Result("a.jpg", "pose", "failed", error="503"), "x", "v3")
+    assert journal.final_inputs() == {}  # the v2 answer is not an answer for v3
+
+
+def test_a_journal_from_before_the_fingerprint_is_upgraded_in_place(tmp_path):
+  path = str(tmp_path / "j.sqlite")
+  db = sqlite3.connect(path)
+  db.execute("CREATE TABLE results (image_id TEXT NOT NULL, attribute TEXT NOT NULL, status TEXT"
+             " NOT NULL, answer TEXT, source TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,"
+             " completion_tokens INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT, updated"
+             " REAL NOT NULL, PRIMARY KEY (image_id, attribute))")
+  db.execute("INSERT INTO results VALUES ('a.jpg', 'pose', 'ok', 'old', 'openai', 5, 2, 1, NULL,"
+             " 0)")
+  db.commit()
+  db.close()
+  with Journal(path) as journal:
+    assert journal.final_inputs() == {("a.jpg", "pose"): None}  # unknown: not trusted
+    assert journal.record(Result("a.jpg", "pose", "ok", answer="new"), "openai", "v1")
+    assert journal.rows()[0]["prompt_tokens"] == 5
 
 
 def test_malformed_results_are_rejected(tmp_path):

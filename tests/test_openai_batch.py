@@ -1,6 +1,7 @@
 """The Batch API backend end to end against the local fake server: files, batches, resume."""
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -206,3 +207,33 @@ def test_batch_pricing_is_half_the_chat_price():
   assert pricing.estimate_cost_usd("gpt-4o-mini", 2_000_000, 0, batch=False) == pytest.approx(0.30)
   assert pricing.estimate_cost_usd("local-vllm-model", 10, 10, batch=True) is None
 
+
+
+def test_a_journaled_batch_does_not_answer_a_request_whose_inputs_changed_since(requests):
+  """The batch line's custom_id carries the request's fingerprint: after a label edit, the old
+  batch still settles the unchanged requests, and the changed one is sent again."""
+  before = [dataclasses.replace(r, inputs=f"{i:064x}") for i, r in enumerate(requests[:4])]
+  changed = dataclasses.replace(before[1], user_prompt=before[1].user_prompt + " (relabelled)",
+                                inputs="f" * 64)
+  after = [before[0], changed, *before[2:]]
+  with FakeOpenAI(batch_polls=30) as fake:
+    meta = MemoryMeta()
+
+    async def crash_once_journaled():
+      task = asyncio.create_task(backend_for(fake, poll_interval=0.02).run(before, Collector(),
+                                                                           meta))
+      while not any(record["batch_id"] for record in journal(meta)):
+        await asyncio.sleep(0.01)
+      task.cancel()
+      with pytest.raises(asyncio.CancelledError):
+        await task
+
+    asyncio.run(crash_once_journaled())
+    emit = Collector()
+    asyncio.run(backend_for(fake).run(after, emit, meta))
+    assert fake.batch_creations() == 2
+    second = list(fake.batches.values())[1]
+    resent = [json.loads(line)["custom_id"]
+              for line in fake.files[second["input_file_id"]].decode().splitlines()]
+  assert resent == [changed.custom_id]
+  assert all(emit.results[r.key].answer == expected_answer(r) for r in after)

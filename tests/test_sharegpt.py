@@ -76,7 +76,7 @@ def test_import_maps_questions_fills_labels_and_reads_back(fairface, tmp_path):
   report = json.loads((out / "report.json").read_text())
   assert (report["pairs"], report["written"], report["duplicates"]) == (7, 5, 1)
   assert report["unmatched_questions"] == 1 and report["skipped_images"] == 1
-  assert report["bad_images"][0]["entry"] == 5 and report["bad_images"][0]["file"] == (
+  assert report["bad_images"][0]["where"] == "entry 5" and report["bad_images"][0]["file"] == (
       "val/404.jpg")
 
 
@@ -106,7 +106,18 @@ def test_path_escaping_entry_is_rejected_and_nothing_written(fairface, tmp_path,
 @pytest.mark.parametrize("content, message", [
     ('{"image": "a.jpg"}', "JSON list"),
     ('[{"image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]}]', "alternating"),
-    ('[{"conversations": []}]', "`image` path"),
+    ('[{"conversations": []}]', "one image path"),
+    ('[{"image": "a.jpg", "images": ["a.jpg"], "conversations": []}]', "both `image` and `images`"),
+    ('[{"images": ["a.jpg", "b.jpg"], "conversations": []}]', "one image path"),
+    ('[{"image": "a.jpg", "conversations": [], "messages": []}]', "found both"),
+    ('[{"image": "a.jpg", "conversations": [{"from": "human", "value": "q"}, '
+     '{"from": "observation", "value": "x"}]}]', "alternating"),
+    ('[{"image": "a.jpg", "conversations": [{"from": "human", "value": "q"}, '
+     '{"from": "gpt", "value": "a"}, {"from": "system", "value": "late"}, '
+     '{"from": "gpt", "value": "b"}]}]', "alternating"),
+    ('[{"image": "a.jpg", "conversations": [{"from": "human", "value": 3}]}]', "{role, content}"),
+    ('[{"image": "a.jpg", "system": 3, "conversations": []}]', "`system` must be a string"),
+    ("[]", "no question/answer pairs"),
     ("not json", "cannot read"),
 ])
 def test_malformed_file_is_a_one_line_error(tmp_path, capsys, content, message):
@@ -116,3 +127,59 @@ def test_malformed_file_is_a_one_line_error(tmp_path, capsys, content, message):
   err = capsys.readouterr().err
   assert message in err and err.count("\n") == 1
   assert not (tmp_path / "out").exists()
+
+
+def test_an_entry_whose_image_is_a_symlink_out_of_the_root_is_skipped(fairface, tmp_path):
+  (tmp_path / "private").mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "private" / "secret.png")
+  (fairface / "img" / "val" / "5.jpg").symlink_to(tmp_path / "private" / "secret.png")
+  entries = json.loads((fairface / "dataset.json").read_text())
+  entries.append({"image": "val/5.jpg", "conversations": _turns(("<image>Hi", "Hello"))})
+  (fairface / "dataset.json").write_text(json.dumps(entries))
+  out = tmp_path / "out"
+  assert sharegpt.main(_argv(fairface, out)) == 0
+  report = json.loads((out / "report.json").read_text())
+  bad = {b["file"]: b["reason"] for b in report["bad_images"]}
+  assert "outside the image root" in bad["val/5.jpg"] and report["written"] == 5
+
+
+def test_llama_factory_variants_import_alike(fairface, tmp_path, capsys):
+  """The OpenAI-style `messages` with a system turn and an `images` list, and the reference's
+  own tags (`from` human / assistant, as its dataset_info.json declares) with a `system` column
+  and two question turns, give the same records as the plain ShareGPT file."""
+  question = "<image>\n" + prompts.QUESTIONS["pose"]
+  entries = [
+      {"messages": [{"role": "system", "content": "You are a face expert."},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": "Frontal."}],
+       "images": ["val/1.jpg"]},
+      {"conversations": [{"from": "human", "value": "<image>" + prompts.QUESTIONS["lighting"]},
+                         {"from": "assistant", "value": "Even light."},
+                         {"from": "human", "value": prompts.QUESTIONS["expression"]},
+                         {"from": "assistant", "value": "A smile."}],
+       "system": "You are a face expert.", "image": "val/2.jpg"},
+  ]
+  (tmp_path / "variants.json").write_text(json.dumps(entries))
+  out = tmp_path / "out"
+  assert sharegpt.main([str(tmp_path / "variants.json"), "--images", str(fairface / "img"),
+                        "--out", str(out), "--no-progress"]) == 0
+  assert "note: 3 pairs came with a system prompt" in capsys.readouterr().err
+  source = tfds.builder_from_directory(str(out)).as_data_source(split="train")
+  got = sorted((r["image_id"].decode(), r["attribute"].decode(), r["question"].decode(),
+                r["answer"].decode()) for r in (source[i] for i in range(len(source))))
+  assert got == [("val/1.jpg", "pose", prompts.QUESTIONS["pose"], "Frontal."),
+                 ("val/2.jpg", "expression", prompts.QUESTIONS["expression"], "A smile."),
+                 ("val/2.jpg", "lighting", prompts.QUESTIONS["lighting"], "Even light.")]
+  report = json.loads((out / "report.json").read_text())
+  assert report["system_prompts"] == {"You are a face expert.": 3}
+
+
+def test_a_file_whose_every_image_is_unusable_writes_nothing(fairface, tmp_path, capsys):
+  entries = [{"image": "val/404.jpg", "conversations": _turns(("<image>Hi", "Hello"))}]
+  (tmp_path / "gone.json").write_text(json.dumps(entries))
+  out = tmp_path / "out"
+  assert sharegpt.main([str(tmp_path / "gone.json"), "--images", str(fairface / "img"), "--out",
+                        str(out), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "nothing to import" in err and "val/404.jpg" in err
+  assert not out.exists()

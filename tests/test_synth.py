@@ -244,6 +244,7 @@ def test_preview_is_a_small_captioned_contact_sheet(cli_run):
     ["--out", "{tmp}/x", "--num", "0", "--seed", "1"],
     ["--out", "{tmp}/x", "--num", "many", "--seed", "1"],
     ["--out", "{tmp}/x", "--num", "3"],
+    ["--out", "{tmp}/x", "--num", "3", "--seed", "-1"],
     ["--out", "{tmp}/x", "--num", "3", "--seed", "1", "--size", "8"],
     ["--out", "{tmp}/x", "--num", "3", "--seed", "1", "--benchmark-num", "5"],
     ["--out", "{tmp}/file.txt", "--num", "3", "--seed", "1"],

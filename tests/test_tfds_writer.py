@@ -1,5 +1,7 @@
 """TFDS ArrayRecord writer: readable by TFDS and Grain, split by image, replaced atomically."""
 
+import base64
+import io
 import os
 
 import grain
@@ -8,7 +10,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from data_gen import tfds_writer
+from data_gen import fairface, tfds_writer
+from data_gen.backends import openai_chat
 from data_gen.tfds_writer import QA, ImageQA
 
 COLORS = {"a.jpg": (220, 30, 30), "b.png": (30, 220, 30), "c.jpg": (30, 30, 220)}
@@ -103,3 +106,18 @@ def test_write_json_is_complete_and_replaces(tmp_path):
   with open(path, encoding="utf-8") as f:
     assert f.read() == '{\n  "written": 2,\n  "note": "é"\n}\n'
   assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_16_bit_greyscale_png_keeps_its_tones_in_the_dataset_and_the_upload(tmp_path):
+  """The dataset writer, the image check and the OpenAI upload all decode through
+  `facellm_jax.input.image.rgb_image`: flat 16-bit blocks keep their 8-bit tone."""
+  levels = np.array([[1000, 20000], [40000, 65535]], np.uint16)  # -> 4, 78, 156, 255
+  Image.fromarray(np.kron(levels, np.ones((16, 16), np.uint16))).save(tmp_path / "deep.png")
+  expected = np.round(levels.astype(np.float64) * 255 / 65535)
+  assert fairface.check_image(str(tmp_path / "deep.png")) is None
+  uri = openai_chat.image_data_uri(str(tmp_path / "deep.png"))
+  for data in (tfds_writer.jpeg_bytes(str(tmp_path / "deep.png")),
+               base64.b64decode(uri.split(",", 1)[1])):
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.float64)
+    blocks = decoded.reshape(2, 16, 2, 16)[:, 4:12, :, 4:12].mean(axis=(1, 3))
+    np.testing.assert_allclose(blocks, expected, atol=2)

@@ -17,7 +17,7 @@ import random
 from typing import Callable, Mapping, Sequence
 
 from data_gen import prompts
-from data_gen.backends.base import Emit, MetaStore, Request, Result
+from data_gen.backends.base import Emit, MetaStore, Request, Result, Retrying
 
 _Labels = Mapping[str, str]
 _EMOTION = {"happy": "happiness", "sad": "sadness", "surprised": "surprise", "angry": "anger",
@@ -240,13 +240,18 @@ class OfflineBackend:
     self.seed = seed
     self.delay = delay  # seconds per answer: lets demos and crash tests see a run in flight
 
+  def answer_inputs(self, request: Request) -> dict[str, object]:
+    """Only the labels and the seed make an offline answer (not the prompt, not the image)."""
+    return {"labels": dict(sorted(request.labels.items())), "offline_seed": self.seed}
+
   def answer(self, image_id: str, attribute: str, labels: _Labels) -> str:
     digest = hashlib.sha256(f"{self.seed}|{image_id}|{attribute}".encode()).digest()
     writer = _Writer(labels, random.Random(int.from_bytes(digest[:8], "big")))
     return " ".join(_ANSWERS[attribute](writer))
 
-  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
-    del meta  # nothing to resume beyond the journal
+  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore,
+                retrying: Retrying | None = None) -> None:
+    del meta, retrying  # nothing to resume beyond the journal, nothing ever retried
     for request in requests:
       if self.delay:
         await asyncio.sleep(self.delay)

@@ -25,9 +25,10 @@ import openai
 from openai.types import Batch
 from PIL import Image
 
-from data_gen.backends.base import Emit, MetaStore, Request, Result
+from data_gen.backends.base import (Emit, FatalApiError, MetaStore, Request, Result, Retrying,
+                                    unheard)
 from data_gen.backends.openai_chat import (
-    DEFAULT_REFUSAL_PHRASES, RETRYABLE_STATUSES, Backoff, FatalApiError, MalformedResponse,
+    DEFAULT_REFUSAL_PHRASES, RETRYABLE_STATUSES, Backoff, MalformedResponse, answer_inputs,
     call_emit, chat_messages, classify_error, image_data_uri, parse_reply, redact)
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,17 @@ class OpenAIBatchBackend:
     self.timeout = timeout
     self._api_key = api_key
     self._where = base_url or "api.openai.com"
+    self._retrying: Retrying = unheard
 
   def __repr__(self) -> str:
     return f"OpenAIBatchBackend(model={self.model!r}, base_url={self.base_url!r})"
 
-  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
+  def answer_inputs(self, request: Request) -> dict[str, object]:
+    return answer_inputs(request, self.model, self.image_max_side)
+
+  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore,
+                retrying: Retrying | None = None) -> None:
+    self._retrying = retrying or unheard
     items = {r.custom_id: _Item(r) for r in requests}
     client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=0,
                                 timeout=self.timeout)
@@ -169,6 +176,7 @@ class OpenAIBatchBackend:
         if not failure.retryable or failures > self.max_retries:
           raise FatalApiError(
               f"could not create a batch at {self._where}: {failure.reason}") from None
+        self._retrying(None, f"create a batch: {failure.reason}")
         await asyncio.sleep(self.backoff.delay(failures, failure.retry_after))
 
   async def _find_batch(self, client: openai.AsyncOpenAI, record: dict) -> Batch | None:
@@ -255,6 +263,8 @@ class OpenAIBatchBackend:
     if not retryable or item.failures > self.max_item_retries:
       item.done = True
       await call_emit(emit, item.result("failed", error=reason))
+    else:
+      self._retrying(item.request, reason)
 
   async def _wait(self, client: openai.AsyncOpenAI, batch_id: str) -> Batch | None:
     while True:
@@ -307,4 +317,5 @@ class OpenAIBatchBackend:
         if not failure.retryable or failures > self.max_retries:
           raise FatalApiError(f"could not {what} at {self._where}: {failure.reason}") from None
         log.info("%s: %s; retrying", what, failure.reason)
+        self._retrying(None, f"{what}: {failure.reason}")
         await asyncio.sleep(self.backoff.delay(failures, failure.retry_after))

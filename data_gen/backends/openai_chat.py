@@ -30,7 +30,9 @@ from typing import Mapping, Sequence
 import openai
 from PIL import Image
 
-from data_gen.backends.base import Emit, MetaStore, Request, Result
+from data_gen.backends.base import (Emit, FatalApiError, MetaStore, Request, Result, Retrying,
+                                    file_sha256, unheard)
+from facellm_jax.input import image as image_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,6 @@ REFUSAL_WINDOW = 120
 RETRY_AFTER_CAP = 900.0  # never sleep longer than this on a server's say-so
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})  # and every 5xx; other 4xx are final
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-class FatalApiError(RuntimeError):
-  """The server refused the whole run (rejected key, no quota): no retry can succeed."""
 
 
 class MalformedResponse(ValueError):
@@ -93,12 +91,21 @@ def _as_jpeg(data: bytes, max_side: int | None) -> bytes:
     too_big = max_side is not None and max(image.size) > max_side
     if data[:3] == _JPEG_MAGIC and not too_big:
       return data
-    image = image.convert("RGB")
+    image = image_lib.rgb_image(image)
     if too_big:
       image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95)
   return buffer.getvalue()
+
+
+def answer_inputs(request: Request, model: str, image_max_side: int | None) -> dict[str, object]:
+  """What a chat answer is made from, for both OpenAI backends (so a run may switch between
+  them): the prompts (the labels are in the user prompt), the image bytes, the model and the
+  downscaling of what is uploaded."""
+  return {"system": request.system_prompt, "user": request.user_prompt,
+          "image": file_sha256(request.image_path), "model": model,
+          "image_max_side": image_max_side}
 
 
 def chat_messages(request: Request, image_url: str) -> list[dict]:
@@ -195,12 +202,22 @@ def classify_error(error: Exception, api_key: str, where: str) -> Failure:
   if isinstance(error, openai.APITimeoutError):
     return Failure(True, "request timed out")
   if isinstance(error, openai.APIConnectionError):
-    cause = error.__cause__
-    detail = f" ({type(cause).__name__})" if cause is not None else ""
-    return Failure(True, f"connection failed{detail}")
+    cause = _root_cause(error)
+    detail = f": {type(cause).__name__}: {cause}" if cause is not error else ""
+    return Failure(True, redact(f"connection failed{detail} ({where})", api_key)[:300])
   if isinstance(error, (MalformedResponse, json.JSONDecodeError, UnicodeDecodeError)):
     return Failure(True, redact(f"malformed response: {error}", api_key)[:300])
   raise error
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception behind `error` (e.g. ConnectionRefusedError behind httpx's "All
+  connection attempts failed"): the one that says what went wrong."""
+  seen = {id(error)}
+  while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+    seen.add(id(inner))
+    error = inner
+  return error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,12 +265,18 @@ class OpenAIChatBackend:
     self.backoff = Backoff(backoff_base, backoff_max)
     self._api_key = api_key
     self._resume_at = 0.0  # monotonic time before which no worker sends (a 429's Retry-After)
+    self._retrying: Retrying = unheard
 
   def __repr__(self) -> str:
     return f"OpenAIChatBackend(model={self.model!r}, base_url={self.base_url!r})"
 
-  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore) -> None:
+  def answer_inputs(self, request: Request) -> dict[str, object]:
+    return answer_inputs(request, self.model, self.image_max_side)
+
+  async def run(self, requests: Sequence[Request], emit: Emit, meta: MetaStore,
+                retrying: Retrying | None = None) -> None:
     del meta  # each request is final once emitted; the driver's journal is the resume point
+    self._retrying = retrying or unheard
     client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=0,
                                 timeout=self.timeout)
     pending = iter(requests)
@@ -297,13 +320,14 @@ class OpenAIChatBackend:
         tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         if not failure.retryable:
           return fail(attempts, failure.reason, **tokens)
-        if failures > self.max_retries:
-          return fail(attempts, f"gave up after {attempts} attempts: {failure.reason}", **tokens)
+        if failures > self.max_retries:  # the attempts are in the result, the cause is the error
+          return fail(attempts, failure.reason, **tokens)
         delay = self.backoff.delay(failures, failure.retry_after)
         if failure.rate_limited and failure.retry_after is not None:
           self._resume_at = max(self._resume_at, time.monotonic() + delay)
         log.info("%s %s: %s; retrying in %.2fs", request.image_id, request.attribute,
                  failure.reason, delay)
+        self._retrying(request, failure.reason)
         await asyncio.sleep(delay)
         continue
       prompt_tokens += reply.prompt_tokens

@@ -3,6 +3,11 @@
 Matches InternVL's own `load_image`/`dynamic_preprocess` (PIL bicubic on uint8, then /255 and
 mean/std) and the PIL backend of transformers' `GotOcr2ImageProcessor` that `InternVL*-hf` uses,
 so a checkpoint sees the pixels it was trained on.
+
+`rgb_image` / `to_rgb` are the one decode of every image reader in the project (training, chat,
+evaluation, and data_gen's checks, dataset writer and API uploads): 16-bit pixels are scaled by
+255/65535, where PIL's `convert("RGB")` clips them at 255 and a 16-bit greyscale PNG comes out
+almost white. This module imports only numpy and PIL, so data_gen can use it without jax.
 """
 
 from __future__ import annotations
@@ -21,11 +26,30 @@ _SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, np.float64))).astype(np.float3
 _OFFSET = (-np.asarray(IMAGENET_MEAN, np.float64) / np.asarray(IMAGENET_STD)).astype(np.float32)
 
 
+# PIL modes of 16-bit samples: PNG and TIFF decode 16-bit greyscale to I;16* (or I, 32-bit ints
+# holding 0..65535, after some operations).
+_16_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def from_16_bit(pixels: np.ndarray) -> np.ndarray:
+  """uint8 from 16-bit samples: round(v * 255 / 65535), so 65535 -> 255 and 257 * k -> k."""
+  wide = np.clip(pixels, 0, 65535).astype(np.uint32)
+  return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def rgb_image(img: Image.Image) -> Image.Image:
+  """An opened image as 8-bit RGB: 16-bit greyscale scaled (not clipped), alpha dropped, palette
+  and CMYK converted as PIL's `convert("RGB")` does."""
+  if img.mode in _16_BIT_MODES:
+    return Image.fromarray(from_16_bit(np.asarray(img)), mode="L").convert("RGB")
+  return img.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
   """Reads an image file as uint8 RGB [H, W, 3]."""
   try:
     with Image.open(path) as img:
-      return np.asarray(img.convert("RGB"))
+      return np.asarray(rgb_image(img))
   except FileNotFoundError:
     raise FileNotFoundError(f"image file not found: {path}") from None
   except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -34,10 +58,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] from a grayscale, RGB or RGBA uint8 array (alpha dropped, as PIL's convert)."""
+  """uint8 [H, W, 3] from a grayscale, RGB or RGBA uint8 or uint16 array (16-bit scaled as in
+  `rgb_image`, alpha dropped as PIL's convert does)."""
   image = np.asarray(image)
+  if image.dtype == np.uint16:
+    image = from_16_bit(image)
   if image.dtype != np.uint8:
-    raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    raise ValueError(f"expected a uint8 or uint16 image, got dtype {image.dtype}")
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):

@@ -99,7 +99,8 @@ def record_to_example(record: Mapping[str, Any], tokenizer: tok_lib.Tokenizer, *
                       system_prompt: str | None = None) -> dict[str, np.ndarray] | None:
   """One (image, question, answer) record -> an unpadded example, or None if its prompt is too long.
 
-  The user turn is `<image>\\n{question}` and the assistant turn is the answer, as FaceLLM trains.
+  The user turn is `<image>\\n{question}` and the assistant turn is the answer, after the optional
+  system message: what LLaMA-Factory's intern_vl template renders for a ShareGPT FairFaceGPT record.
   Its `pixel_values` are the resized uint8 tiles; they are normalized once batched.
   """
   missing = [k for k in ("image", "question", "answer") if k not in record]
@@ -293,7 +294,8 @@ def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_s
     shuffle: shuffle records; off, every epoch is in source order.
     num_epochs: None repeats forever (train by steps); the last partial batch is dropped.
     process_index, process_count: this process's slice; default `jax.process_index()/count()`.
-    system_prompt: optional system message before each conversation.
+    system_prompt: system message before each conversation ('' or None: none); the config's
+      `data.system_prompt`, by default the intern_vl template's as the reference trains.
     worker_count: >0 runs the pipeline in that many processes (`mp_prefetch`); the batches are then
       a deterministic interleaving that depends on `worker_count`.
     read_threads: threads per process converting records.

@@ -1,15 +1,20 @@
 """InternVL's chat template (Qwen ChatML) rendered straight to token ids and a loss mask.
 
-The text is what `InternVL3-*-hf`'s `apply_chat_template` plus its processor produce:
+The ids are what LLaMA-Factory's `intern_vl` template encodes for training (the reference run of
+FaceLLM) and what `InternVL3-*-hf`'s `apply_chat_template` plus its processor produce:
 
   [<|im_start|>system\n{system}<|im_end|>\n]
-  <|im_start|>user\n<img>{N x <IMG_CONTEXT>}</img>\n{question}<|im_end|>\n
-  <|im_start|>assistant\n{answer}<|im_end|>\n
+  <|im_start|>user\n<img>{N x <IMG_CONTEXT>}</img>\n{question}<|im_end|>\n<|im_start|>assistant\n
+  {answer}<|im_end|>\n
 
-where each `<image>` marker in a message becomes one image block of `num_image_tokens` placeholders
-per tile. The text is tokenized once with a single placeholder per image (the placeholder is a
-special token, so this splits exactly as the expanded text would) and the ids are expanded after;
-the loss mask comes from character spans, so it is exact whatever the BPE merges are.
+Each `<image>` marker in a message becomes one image block of `num_image_tokens` placeholders per
+tile, in place (LLaMA-Factory's InternVL plugin; the `\n` after it is the message's own text).
+As LLaMA-Factory's `Template._encode` does, each assistant message is tokenized on its own, apart
+from the text before it (BPE never merges across the start of an answer), and its tokens, the
+closing `<|im_end|>\n` included, are the loss tokens (its supervised `labels`). An empty or absent
+system message renders nothing, as its `if system` does. The text is tokenized with a single
+placeholder per image (a special token, so it splits exactly as the expanded text would) and the
+ids are expanded after.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ ROLES = ("system", "user", "assistant")
 
 def _check(messages: Sequence[Mapping[str, str]], system_prompt: str | None) -> list[tuple[str, str]]:
   out = []
-  if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+  if system_prompt and not (messages and messages[0].get("role") == "system"):
     out.append(("system", system_prompt))
   for i, m in enumerate(messages):
     role, content = m.get("role"), m.get("content")
@@ -35,31 +40,38 @@ def _check(messages: Sequence[Mapping[str, str]], system_prompt: str | None) -> 
     if not isinstance(content, str):
       raise ValueError(f"message {i}: content must be a string (images as {IMAGE_MARKER!r} markers), "
                        f"got {type(content).__name__}")
+    if role == "system" and not content:
+      continue
     out.append((role, content))
   return out
 
 
+def _pieces(messages: list[tuple[str, str]], generation: bool) -> list[tuple[str, bool]]:
+  """The text as (piece, is_answer) in the order tokenized: each answer a piece of its own."""
+  image_block = tok_lib.IMG_START + tok_lib.IMG_CONTEXT + tok_lib.IMG_END
+  pieces, text = [], ""
+  for role, content in messages:
+    text += f"{tok_lib.IM_START}{role}\n"
+    if role == "assistant":
+      pieces += [(text, False), (f"{content}{tok_lib.IM_END}\n", True)]
+      text = ""
+    else:
+      text += f"{content.replace(IMAGE_MARKER, image_block)}{tok_lib.IM_END}\n"
+  if generation:
+    text += f"{tok_lib.IM_START}assistant\n"
+  return pieces + [(text, False)]
+
+
 def _render(messages: list[tuple[str, str]], tokenizer: tok_lib.Tokenizer, num_image_tokens: int,
             num_tiles: Sequence[int] | None, generation: bool) -> tuple[np.ndarray, np.ndarray]:
-  image_block = tok_lib.IMG_START + tok_lib.IMG_CONTEXT + tok_lib.IMG_END
-  parts, spans, pos = [], [], 0
-  for role, content in messages:
-    if role != "assistant":
-      content = content.replace(IMAGE_MARKER, image_block)
-    head = f"{tok_lib.IM_START}{role}\n"
-    body = f"{content}{tok_lib.IM_END}"
-    if role == "assistant":  # the answer and its <|im_end|> carry loss, the header does not.
-      spans.append((pos + len(head), pos + len(head) + len(body)))
-    parts.append(head + body + "\n")
-    pos += len(parts[-1])
-  if generation:
-    parts.append(f"{tok_lib.IM_START}assistant\n")
-  ids, offsets = tokenizer.encode_with_offsets("".join(parts))
+  ids, mask = [], []
+  for piece, is_answer in _pieces(messages, generation):
+    if piece:
+      encoded = tokenizer.encode(piece)
+      ids += encoded
+      mask += [float(is_answer)] * len(encoded)
   ids = np.asarray(ids, np.int32)
-  starts = np.asarray([o[0] for o in offsets], np.int64)
-  mask = np.zeros(len(ids), np.float32)
-  for lo, hi in spans:
-    mask[(starts >= lo) & (starts < hi)] = 1.0
+  mask = np.asarray(mask, np.float32)
 
   is_image = ids == tokenizer.image_token_id
   num_images = int(is_image.sum())
@@ -75,7 +87,8 @@ def _render(messages: list[tuple[str, str]], tokenizer: tok_lib.Tokenizer, num_i
 def render_conversation(messages: Sequence[Mapping[str, str]], tokenizer: tok_lib.Tokenizer,
                         num_image_tokens: int, *, num_tiles: Sequence[int] | None = None,
                         system_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids int32 [L] of a whole conversation and a float32 [L] mask, 1 on assistant tokens.
+  """Token ids int32 [L] of a whole conversation and a float32 [L] mask, 1 on assistant tokens
+  (each answer, its `<|im_end|>` and the newline after it).
 
   Args:
     messages: `{"role": "system"|"user"|"assistant", "content": str}` in order; `<image>` in a
@@ -83,7 +96,8 @@ def render_conversation(messages: Sequence[Mapping[str, str]], tokenizer: tok_li
     tokenizer: the checkpoint's (or a trained) tokenizer.
     num_image_tokens: `<IMG_CONTEXT>` placeholders per tile (the config's `image_seq_length`).
     num_tiles: tiles of each image in order (dynamic tiling, thumbnail included); default 1 each.
-    system_prompt: prepended as a system message unless the messages start with one.
+    system_prompt: prepended as a system message unless the messages start with one; '' or None:
+      none.
   """
   return _render(_check(messages, system_prompt), tokenizer, num_image_tokens, num_tiles, False)
 

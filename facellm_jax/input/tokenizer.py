@@ -77,11 +77,6 @@ class Tokenizer:
     """Token ids of `text`; special tokens written in the text become their ids, nothing is added."""
     return self.backend.encode(text, add_special_tokens=False).ids
 
-  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and the character span of each; the template masks by span, not by re-tokenizing."""
-    enc = self.backend.encode(text, add_special_tokens=False)
-    return enc.ids, enc.offsets
-
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

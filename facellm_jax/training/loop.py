@@ -250,7 +250,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
 
   dataset = pipeline.make_dataset(
       source, tokenizer, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
-      seq_len=cfg.data.cutoff_len, batch_size=rows, packing=cfg.data.packing, seed=t.seed)
+      seq_len=cfg.data.cutoff_len, batch_size=rows, packing=cfg.data.packing, seed=t.seed,
+      system_prompt=cfg.data.get("system_prompt", ""))
   iterator = iter(dataset)
 
   model = build_model(cfg, mc, mesh)
