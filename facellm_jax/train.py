@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
   saved, sys.argv = sys.argv, argv  # config_flags reads the `--config.*` overrides from sys.argv.
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)  # override flags of an earlier in-process call (the demo, tests).
+  for name in ("compile_only", "topology", "find_max_batch"):
+    flags.FLAGS[name].unparse()  # and its values of the flags a call may leave out
   try:
     app.run(lambda a: sys.exit(_run(a)), argv=argv, flags_parser=_parse_flags)
   except SystemExit as e:
