@@ -7,10 +7,10 @@
 Random weights, bf16 compute, rows of 2048 tokens each holding one 448 px image (256
 placeholders) and text, through the real jitted step of `training/step.py` (masked
 cross-entropy in the size config's `train.loss_chunk` blocks, gradients w.r.t. the trainable
-filter, global-norm clipping, AdamW; state donated). LoRA rows are the paper's recipe: r=16 adapters (float32) on every linear of the
-language model over a frozen bfloat16 base; full rows keep float32 master weights and moments.
-Attention runs on cuDNN's flash kernel on GPUs (`--attention`), falling back to XLA's if cuDNN
-rejects the shapes. Each row runs in its own process, so its peak memory is its own and an
+filter, global-norm clipping, AdamW; state donated). LoRA rows are the paper's recipe: r=16
+adapters (float32) on every linear of the language model over a frozen bfloat16 base; full
+rows keep float32 master weights and moments. Attention runs on cuDNN's flash kernel on GPUs
+(`--attention`), falling back to XLA's if cuDNN rejects the shapes. Each row runs in its own process, so its peak memory is its own and an
 out-of-memory stays in that row (`--smoke` runs its rows in one process).
 
 Batch per device (unless `--batch`): the largest that fits. A compile at batch 1 gives XLA's

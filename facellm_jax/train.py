@@ -37,11 +37,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
-                                  "Compile the train step for --topology and print its memory/FLOPs as JSON; no training.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice for --compile_only: v5p-8, v5litepod-16, v6e-8, v5p:2x2x1, ...")
-_FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False,
-                                    "With --compile_only: search the largest rows per chip that fit (doubling, then bisection).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the train step for --topology, print its memory/FLOPs as JSON; no training.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU slice for --compile_only: v5p-8, v5litepod-16, v6e-8, v5p:2x2x1, ...")
+_FIND_MAX_BATCH = flags.DEFINE_bool(
+    "find_max_batch", False, "With --compile_only: search the largest rows per chip that fit.")
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, checkpoint saved, rerun resumes.
 

@@ -48,7 +48,10 @@ def test_splash_gradients_equal_xla():
   q, k, v = _qkv(2, 128, 4, 2, 16, seed=2)
   segments = attention_lib.Segments(_packed_ids(2, 128))
   real = (segments.ids > 0)[..., None, None]
-  loss = lambda impl: lambda q, k, v: jnp.sum(jnp.where(real, layers.attention(q, k, v, segments, impl, causal=True), 0) ** 2)
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(jnp.where(real, layers.attention(q, k, v, segments, impl, causal=True), 0) ** 2)
+
   want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
   got = jax.grad(loss("splash_interpret"), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):

@@ -195,7 +195,8 @@ def find_max_batch(try_rows: Callable[[int], dict[str, Any]], *, hbm: float | No
   Each try is a full compile (minutes for the real sizes), so once two tries fit, the next is
   the linear extrapolation of their `bytes_per_chip.total` to `hbm` instead of the next power
   of two (XLA's bytes grow about linearly in the rows); below a failed extrapolation the tries
-  step down 1, 2, 4, ... rows until one fits, then bisect. Returns (best, every try in order); best is 0 when 1 does not fit.
+  step down 1, 2, 4, ... rows until one fits, then bisect. Returns (best, every try in order);
+  best is 0 when 1 does not fit.
   """
   tries: list[dict[str, Any]] = []
   fit: list[tuple[int, int]] = []  # (rows, total bytes) of the tries that fit

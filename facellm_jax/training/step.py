@@ -3,10 +3,10 @@
 Loss: cross-entropy summed over the target (assistant) tokens of the whole optimizer step and
 divided by their number, so micro-batching, data parallelism and multi-host runs all give the
 same loss and gradient as one big batch; the LM head and the loss run in sequence chunks
-(`chunked_cross_entropy`) so the [B, T, V] float32 logits never exist at once. Gradients are taken only w.r.t. the trainable filter
-(`nnx.DiffState`), accumulated over `grad_accum` micro-batches with `lax.scan` (one compiled
-body whatever the accumulation), clipped by global norm and applied by AdamW with warmup +
-cosine. The model computes in its `dtype` (bfloat16 for real runs) while the parameters and the
+(`chunked_cross_entropy`) so the [B, T, V] float32 logits never exist at once. Gradients are
+taken only w.r.t. the trainable filter (`nnx.DiffState`), accumulated over `grad_accum`
+micro-batches with `lax.scan` (one compiled body whatever the accumulation), clipped by global
+norm and applied by AdamW with warmup + cosine. The model computes in its `dtype` (bfloat16 for real runs) while the parameters and the
 optimizer state stay float32 (`param_dtype`).
 
 The state is `nnx.split((model, optimizer))`; the step is jitted once with explicit in/out
