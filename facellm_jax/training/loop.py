@@ -92,7 +92,8 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: paths.Path, source, voca
   # Trained in a local temporary folder, removed on any failure, then copied with tokenizer.json
   # last: a tokenizer/ without it is incomplete and trained again.
   n = min(len(source), _TOKENIZER_TEXTS)
-  texts = (pipeline.record_text(_read(lambda: source[i], f"record {i} of data.dir {cfg.data.dir}")) for i in range(n))
+  texts = (pipeline.record_text(_read(lambda: source[i], f"record {i} of data.dir {cfg.data.dir}"))
+           for i in range(n))
   with tempfile.TemporaryDirectory(prefix="facellm-tokenizer-") as tmp:
     tokenizer = tok_lib.train_tokenizer(texts, vocab_size, tmp)
     if jax.process_index() == 0:
