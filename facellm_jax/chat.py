@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from facellm_jax import paths
 from facellm_jax.inference import answer, load
 from facellm_jax.input import face_crop
 from facellm_jax.input import image as image_lib
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       interactive(model, config, tokenizer, images, settings, args.detect_face)
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {paths.one_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(file=sys.stderr)

@@ -19,8 +19,10 @@ InternVL-hf chat template adds none). `--fast` is one tile per image and 32 new 
 for an option letter); an explicit `--max_tiles` / `--max_new_tokens` overrides either. The
 report records the settings used and which preset they came from.
 
-Bad input (a folder with no JSON, a missing image, a workdir without a checkpoint, ...) is a
-one-line error and exit code 2, before any model time is spent.
+`--workdir` and `--out` may be `gs://` URLs (the benchmark and the labels are local files). Bad
+input (a folder with no JSON, a missing image, a workdir without a checkpoint, a `--step` it does
+not have, an `--out` that cannot be written, ...) is a one-line error and exit code 2, found
+before anything is written and before any model time is spent.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import tempfile
 from pathlib import Path
 
+from facellm_jax import paths
 from facellm_jax.evaluation import facexbench, fairness
 from facellm_jax.inference import answer, load
 
@@ -44,7 +48,7 @@ def _parser() -> load.ArgumentParser:
   parser = load.ArgumentParser(prog="python -m facellm_jax.evaluate", description=__doc__.split("\n\n")[1])
   load.add_model_args(parser)
   parser.add_argument("--facexbench", required=True, help="folder of FaceXBench *.json files and their images")
-  parser.add_argument("--out", required=True, help="report JSON path; predictions.jsonl goes beside it")
+  parser.add_argument("--out", required=True, help="report JSON path (or gs:// URL); predictions.jsonl goes beside it")
   parser.add_argument("--prepend_text", action="store_true", help="put each file's prepend_text before the question")
   parser.add_argument("--batch_size", type=int, default=8, help="questions per generation call")
   parser.add_argument("--max_new_tokens", type=int, default=None,
@@ -75,7 +79,7 @@ def read_face_labels(csv_path: str | Path) -> dict[Path, dict[str, str]]:
             for row in reader}
 
 
-def _check_run(out_dir: Path, run: dict) -> None:
+def _check_run(out_dir: paths.Path, run: dict) -> None:
   """Predictions already in `out_dir` must come from this same model, step, benchmark and settings."""
   run_file = out_dir / RUN_FILE
   if (out_dir / "predictions.jsonl").exists() and run_file.exists():
@@ -85,18 +89,10 @@ def _check_run(out_dir: Path, run: dict) -> None:
                        for k in sorted(set(found) | set(run)) if found.get(k) != run.get(k))
       raise ValueError(f"{out_dir}/predictions.jsonl holds answers of another evaluation ({diff}); "
                        "use another --out folder, or delete that file to start over")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  run_file.write_text(json.dumps(run, indent=2) + "\n")
-
-
-def _write_json(path: Path, data: dict) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-  tmp.replace(path)
 
 
 def run(args) -> dict:
-  """The evaluation behind the CLI; returns the report."""
+  """The evaluation behind the CLI; returns the report. Everything is checked before the first write."""
   preset = FAST if args.fast else REFERENCE
   for key, value in preset.items():
     if getattr(args, key) is None:
@@ -105,46 +101,59 @@ def run(args) -> dict:
     raise ValueError("--batch_size, --max_new_tokens and --max_tiles must be >= 1")
   questions = facexbench.load_benchmark(args.facexbench)
   labels = read_face_labels(args.fairness_labels) if args.fairness_labels else None
+  out = paths.path(args.out)
+  out_dir = paths.check_output_dir(out.parent, "--out")
+  if out.is_dir():
+    raise ValueError(f"--out {out} is a folder; expected the report's file path, e.g. {out / 'report.json'}")
   if args.workdir:
-    model_id = {"workdir": str(Path(args.workdir).resolve()),
-                "step": load.latest_step(args.workdir) if args.step is None else args.step}
+    model_id = {"workdir": str(paths.path(args.workdir)), "step": load.check_step(args.workdir, args.step)}
   else:
-    model_id = {"hf": str(Path(args.hf).resolve())}
+    model_id = {"hf": str(paths.path(args.hf))}
   run_info = {"model": model_id, "facexbench": str(Path(args.facexbench).resolve()),
               "prepend_text": args.prepend_text, "max_new_tokens": args.max_new_tokens,
               "max_tiles": args.max_tiles, "system_prompt": args.system_prompt, "dtype": args.dtype}
-  out = Path(args.out)
-  if out.is_dir():
-    raise ValueError(f"--out {out} is a folder; expected the report's file path, e.g. {out / 'report.json'}")
-  _check_run(out.parent, run_info)
+  _check_run(out_dir, run_info)
+  generate_fn = None
+  answered = facexbench.answered(out_dir)
+  if any(q.qid not in answered for q in questions):  # a finished run needs no model
+    loaded = load.load_model(args)
+    if args.workdir and loaded.step != model_id["step"]:  # a damaged newest step (or a newer save) was met
+      model_id["step"] = loaded.step
+      _check_run(out_dir, run_info)
+    generate_fn = answer.make_generate_fn(loaded.model, loaded.config, loaded.tokenizer,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          max_tiles=args.max_tiles, system_prompt=args.system_prompt)
+  paths.makedirs(out_dir)
+  paths.write_json(out_dir / RUN_FILE, run_info)
 
-  if args.workdir:
-    args.step = model_id["step"]  # the step the run file names, even if training saves another meanwhile
-  loaded = []
-
-  def generate_fn(prompts):  # the model loads on the first unanswered question, not for a finished run
-    if not loaded:
-      model, config, tokenizer = load.load_from_args(args)
-      loaded.append(answer.make_generate_fn(model, config, tokenizer, max_new_tokens=args.max_new_tokens,
-                                            batch_size=args.batch_size, max_tiles=args.max_tiles,
-                                            system_prompt=args.system_prompt))
-    return loaded[0](prompts)
-
-  report = facexbench.evaluate(questions, generate_fn, out.parent, batch_size=args.batch_size,
+  report = facexbench.evaluate(questions, generate_fn, out_dir, batch_size=args.batch_size,
                                prepend=args.prepend_text)
   report.update(run_info, preset="fast" if args.fast else "reference")
-  _write_json(out, report)
+  paths.write_json(out, report)
   if out.name != "report.json":  # `evaluate` always writes one there; --out is the report.
-    (out.parent / "report.json").unlink(missing_ok=True)
+    (out_dir / "report.json").unlink(missing_ok=True)
   if labels is not None:
     qid_labels = {q.qid: labels[q.image_paths[0]] for q in questions
                   if len(q.image_paths) == 1 and q.image_paths[0] in labels}
-    records = fairness.records_from_predictions(out.parent / "predictions.jsonl", qid_labels)
+    report["fairness"] = _fairness(out_dir, qid_labels, args.fairness_labels)
+    paths.write_json(out, report)
+  return report
+
+
+def _fairness(out_dir: paths.Path, qid_labels: dict, labels_file: str) -> dict:
+  """fairness.json and fairness.png beside the report (made locally, then copied when remote)."""
+  with tempfile.TemporaryDirectory(prefix="facellm-fairness-") as tmp:
+    local = Path(tmp) if paths.is_remote(out_dir) else Path(out_dir)
+    if paths.is_remote(out_dir):
+      (local / "predictions.jsonl").write_bytes((out_dir / "predictions.jsonl").read_bytes())
+    records = fairness.records_from_predictions(local / "predictions.jsonl", qid_labels)
     if not records:
-      raise ValueError(f"no age/gender/race question has a single image listed in {args.fairness_labels}; "
+      raise ValueError(f"no age/gender/race question has a single image listed in {labels_file}; "
                        "the CSV's file column must name the benchmark's image files")
-    report["fairness"] = fairness.fairness_report(records, out.parent)
-    _write_json(out, report)
+    report = fairness.fairness_report(records, local)
+    if paths.is_remote(out_dir):
+      for name in ("fairness.json", "fairness.png"):
+        (out_dir / name).write_bytes((local / name).read_bytes())
   return report
 
 
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     report = run(args)
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {paths.one_line(e)}", file=sys.stderr)
     return 2
   print(_summary(report))
   print(f"report: {args.out}")

@@ -10,6 +10,11 @@ weights first, so both outputs are plain InternVL3 weights:
 - `--orbax DIR2`: a standalone Orbax checkpoint of the merged params (`DIR2/params`) with the
   model's config.json and tokenizer beside it, for JAX serving without the training workdir:
   `model, config, tokenizer = facellm_jax.export.restore_orbax(DIR2)`.
+
+`--workdir`, `--out` and `--orbax` may be `gs://` URLs. Both outputs are checked (a new or empty
+folder we may write) before the model loads, and each is written into a local stage that becomes
+the output only when complete (`paths.staged_dir`), so a failed export leaves no half folder and
+the same command can simply be run again.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from facellm_jax import hf
+from facellm_jax import paths
 from facellm_jax.inference import answer, load
 from facellm_jax.input import image as image_lib
 from facellm_jax.input import tokenizer as tok_lib
@@ -36,12 +42,6 @@ from facellm_jax.models.facellm import FaceLLM
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
-def _check_empty(path: Path, flag: str) -> None:
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise FileExistsError(f"{flag} {path} already exists and is not an empty folder; choose a new folder "
-                          "(an export never overwrites files)")
 
 
 def write_tokenizer(source: str | os.PathLike, out: Path) -> None:
@@ -83,69 +83,81 @@ def write_hf_extras(config: config_lib.FaceLLMConfig, tokenizer: tok_lib.Tokeniz
 
 
 def save_orbax(model: FaceLLM, config: config_lib.FaceLLMConfig, tokenizer_source: str | os.PathLike,
-               out: str | os.PathLike) -> Path:
+               out: str | os.PathLike) -> paths.Path:
   """`out/params` (Orbax, the merged params as a nested dict), `out/config.json` (HF format) and the
-  tokenizer files: everything `restore_orbax` needs."""
-  out = Path(out).resolve()
-  out.mkdir(parents=True, exist_ok=True)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
-  hf_config = config_lib.to_hf_dict(config)
-  hf_config["torch_dtype"] = "bfloat16" if dtypes == {"bfloat16"} else "float32"
-  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  write_tokenizer(tokenizer_source, out)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out / "params", params)
+  tokenizer files: everything `restore_orbax` needs. `out` (local or `gs://`) appears complete
+  or not at all."""
+  out = paths.path(out)
+  with paths.staged_dir(out, last="config.json") as stage:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+    hf_config = config_lib.to_hf_dict(config)
+    hf_config["torch_dtype"] = "bfloat16" if dtypes == {"bfloat16"} else "float32"
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(stage / "params", params)
+    write_tokenizer(tokenizer_source, stage)
+    (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return out
 
 
 def restore_orbax(path: str | os.PathLike, dtype=None) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
-  """(model, config, tokenizer) from a `--orbax` export, params restored straight into `dtype`
-  (default: as exported) on the default device."""
-  path = Path(path).resolve()
-  if not (path / "params").is_dir():
-    raise FileNotFoundError(f"{path} is not an Orbax export: params/ is missing (write one with "
-                            "`python -m facellm_jax.export --workdir W --out DIR --orbax {path}`)")
-  config = hf.read_config(path)
+  """(model, config, tokenizer) from a `--orbax` export (local or `gs://`), params restored
+  straight into `dtype` (default: as exported) on the default device."""
+  path = paths.path(path)
+  if not (path / "params").is_dir() or not (path / "config.json").exists():
+    raise FileNotFoundError(f"{path} is not an Orbax export: params/ or config.json is missing (write one with "
+                            f"`python -m facellm_jax.export --workdir W --out DIR --orbax {path}`)")
+  hf_config = json.loads((path / "config.json").read_text())
+  config = config_lib.from_hf_dict(hf_config)
   if dtype is None:
-    dtype = jnp.bfloat16 if json.loads((path / "config.json").read_text()).get("torch_dtype") == "bfloat16" \
-        else jnp.float32
+    dtype = jnp.bfloat16 if hf_config.get("torch_dtype") == "bfloat16" else jnp.float32
   graphdef, abstract = nnx.split(hf.abstract_model(config, dtype, dtype))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(path / "params", target)
   nnx.replace_by_pure_dict(abstract, params)
-  return nnx.merge(graphdef, abstract), config, tok_lib.load_tokenizer(path)
+  tokenizer = tok_lib.load_tokenizer(paths.local_copy(path, only=TOKENIZER_FILES))
+  return nnx.merge(graphdef, abstract), config, tokenizer
+
+
+def check_outputs(args) -> tuple[paths.Path, paths.Path | None]:
+  """Both output folders, checked before anything loads or is written (the flag named in the error)."""
+  out = paths.check_output_dir(args.out, "--out", empty=True)
+  orbax = paths.check_output_dir(args.orbax, "--orbax", empty=True) if args.orbax else None
+  if orbax is not None:
+    a, b = os.fspath(out).rstrip("/") + "/", os.fspath(orbax).rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+      raise ValueError(f"--out {out} and --orbax {orbax} must be two separate folders")
+  return out, orbax
 
 
 def export(args) -> None:
   """The export behind the CLI."""
-  out = Path(args.out)
-  _check_empty(out, "--out")
-  if args.orbax:
-    _check_empty(Path(args.orbax), "--orbax")
+  out, orbax = check_outputs(args)
   cfg = load.load_config_file(args.config) if args.config else load.read_workdir_config(args.workdir)
   model, config, tokenizer = load.load_from_args(args, merge_lora=True)
   source = load.tokenizer_path(cfg, args.workdir)
-  hf.save_pretrained(model, config, out)
-  write_tokenizer(source, out)
-  write_hf_extras(config, tokenizer, out, cfg.model.get("hf_checkpoint", "") or None)
+  with paths.staged_dir(out, last="config.json") as stage:
+    hf.save_pretrained(model, config, stage)
+    write_tokenizer(source, stage)
+    write_hf_extras(config, tokenizer, stage, cfg.model.get("hf_checkpoint", "") or None)
   print(f"HF checkpoint: {out}")
-  if args.orbax:
-    print(f"Orbax checkpoint: {save_orbax(model, config, source, args.orbax)}")
+  if orbax is not None:
+    print(f"Orbax checkpoint: {save_orbax(model, config, source, orbax)}")
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = load.ArgumentParser(prog="python -m facellm_jax.export", description=__doc__.split("\n\n")[1])
   load.add_model_args(parser, hf=False)
-  parser.add_argument("--out", required=True, help="new folder for the HF InternVL checkpoint")
-  parser.add_argument("--orbax", help="new folder for a standalone Orbax checkpoint of the merged params")
+  parser.add_argument("--out", required=True, help="new folder (or gs:// URL) for the HF InternVL checkpoint")
+  parser.add_argument("--orbax", help="new folder (or gs:// URL) for a standalone Orbax checkpoint of the "
+                                      "merged params")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
     export(args)
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {paths.one_line(e)}", file=sys.stderr)
     return 2
   return 0
 

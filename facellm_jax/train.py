@@ -1,7 +1,10 @@
 """Entry point: `python -m facellm_jax.train --config=configs/<name>.py[:variant] --workdir=W`.
 
 Overrides: `--config.train.num_steps=50`, `--config.mesh.shape.fsdp=2`, ... (ml_collections; an
-unknown key is a flag error). Rerunning with the same workdir resumes from its latest checkpoint.
+unknown key is a flag error). Rerunning with the same workdir resumes from its latest intact
+checkpoint. The workdir may be a `gs://` URL. SIGTERM (a preemption) or Ctrl-C saves a checkpoint
+after the current step and exits with 128 + the signal's number (143, 130); bad input of any kind
+is one `error:` line and exit code 2.
 
 Compile-only (no TPU needed, libtpu installed: `pip install -e '.[tpu]'`): `--compile_only
 --topology=v5p-8 [--find_max_batch]` compiles the real train step for that TPU slice with abstract
@@ -25,6 +28,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from facellm_jax import paths
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -45,6 +50,7 @@ _FIND_MAX_BATCH = flags.DEFINE_bool(
     "find_max_batch", False, "With --compile_only: search the largest rows per chip that fit.")
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, checkpoint saved, rerun resumes.
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT (Ctrl-C)
 
 
 def _initialize_distributed() -> None:
@@ -70,17 +76,20 @@ def _run(argv: list[str]) -> int:
     print("error: --topology and --find_max_batch only go with --compile_only", file=sys.stderr)
     return 2
   _initialize_distributed()
-  from facellm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top  (after jax setup)
-  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top  (after jax setup)
 
   try:
     loop.train(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
   except loop.Preempted as e:
     print(str(e), file=sys.stderr)
-    return PREEMPTED_EXIT_CODE
-  except (loop.ConfigError, checkpoint.CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+    return 128 + e.signum
+  except KeyboardInterrupt:
+    print("interrupted: nothing new was saved; rerun the same command to resume from the latest checkpoint",
+          file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
+  except (ValueError, OSError) as e:  # config, checkpoint, dataset, mesh and path errors: all one line
     logging.debug("training failed", exc_info=True)
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {paths.one_line(e)}", file=sys.stderr)
     return 2
   return 0
 
@@ -108,17 +117,38 @@ def _compile_only() -> int:
   return 0
 
 
+def _config_file(argv: list[str]) -> str | None:
+  """The file part of `--config=FILE[:ARG]` (or `--config FILE`), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, plus a one-line error for a `--config.KEY` that the config does not have
-  (ml_collections raises a bare AttributeError/KeyError there, i.e. a traceback)."""
+  """absl's parsing, plus one-line errors where ml_collections raises or defers a traceback: a
+  config file that does not exist, a `get_config` that refuses its argument, a `--config.KEY`
+  that the config does not have."""
+  config_file = _config_file(argv)
+  if config_file and not os.path.isfile(config_file):
+    print(f"error: --config file {config_file} does not exist; expected e.g. configs/tiny.py[:lora]",
+          file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    # config_flags wraps get_config's error in the traceback text; its last line is the message.
+    print(f"error: {lines[-1].strip() if 'Error whilst parsing config file' in str(e) else paths.one_line(e)}",
+          file=sys.stderr)
   except (AttributeError, KeyError) as e:
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     print(f"error: a config override names a key the config does not have ({e}); overrides given: "
           f"{', '.join(overrides)}", file=sys.stderr)
+  except OSError as e:
+    print(f"error: --config {config_file}: {paths.one_line(e)}", file=sys.stderr)
   sys.exit(2)
 
 

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from facellm_jax import paths
+
 IMAGE_MARKER = "<image>"
 MAX_OPTIONS = 4  # evaluate.py only labels A-D; a fifth option never reaches the model.
 LETTERS = "ABCD"
@@ -202,14 +204,15 @@ def extract_answer(text: str, options: Sequence[str]) -> str | None:
   return None
 
 
-def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: str | Path,
+def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: str | os.PathLike,
              batch_size: int = 8, prepend: bool = False) -> dict:
   """Runs `generate_fn` over the questions not yet answered in `out_dir`, then scores all.
 
-  `out_dir/predictions.jsonl` gets one line per answered question, flushed per batch, so an
-  interrupted run resumes where it stopped. The report is recomputed from the stored
-  prediction texts (as aggregate_results.py re-extracts from saved outputs) and written to
-  `out_dir/report.json`. Accuracies are fractions in [0, 1] (the paper prints percentages).
+  `out_dir` (a folder or a `gs://` URL) gets `predictions.jsonl`, one line per answered question,
+  stored per batch (`paths.RecordFile`: appended locally, rewritten on GCS), so an interrupted
+  run resumes where it stopped. The report is recomputed from the stored prediction texts (as
+  aggregate_results.py re-extracts from saved outputs) and written to `out_dir/report.json`.
+  Accuracies are fractions in [0, 1] (the paper prints percentages).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -218,14 +221,11 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
     if q.qid in seen:
       raise ValueError(f"Question id {q.qid!r} appears twice; ids must be unique.")
     seen.add(q.qid)
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  predictions_path = out_dir / "predictions.jsonl"
-  done = _read_predictions(predictions_path)
+  out_dir = paths.makedirs(out_dir)
+  predictions = paths.RecordFile(out_dir / "predictions.jsonl")
+  done = _answered(predictions)
   pending = [q for q in questions if q.qid not in done]
-  with open(predictions_path, "a", encoding="utf-8") as f, tqdm(
-      total=len(questions), initial=len(questions) - len(pending), desc="FaceXBench",
-      unit="q") as bar:
+  with tqdm(total=len(questions), initial=len(questions) - len(pending), desc="FaceXBench", unit="q") as bar:
     for start in range(0, len(pending), batch_size):
       batch = pending[start:start + batch_size]
       prompts = [EvalPrompt(q.qid, build_prompt(q, prepend), q.image_paths) for q in batch]
@@ -233,18 +233,13 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
       if len(outputs) != len(batch):
         raise ValueError(f"generate_fn returned {len(outputs)} answers for a batch of "
                          f"{len(batch)} prompts; it must return one string per prompt.")
-      for q, output in zip(batch, outputs):
-        record = _record(q, output)
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        done[q.qid] = record
-      f.flush()
-      os.fsync(f.fileno())
+      records = [_record(q, output) for q, output in zip(batch, outputs)]
+      predictions.append(records)
+      done.update((r["qid"], r) for r in records)
       bar.update(len(batch))
   report = score(questions, done)
   report["prepend_text"] = prepend
-  tmp = out_dir / "report.json.tmp"
-  tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-  tmp.replace(out_dir / "report.json")
+  paths.write_json(out_dir / "report.json", report)
   return report
 
 
@@ -256,27 +251,17 @@ def _record(q: Question, output: str) -> dict:
           "is_correct": extracted == q.correct}
 
 
-def _read_predictions(path: Path) -> dict[str, dict]:
-  """Answered questions by qid; a torn last line (crash mid-write) is cut off the file."""
-  if not path.exists():
-    return {}
-  data = path.read_bytes()
-  complete = data.rfind(b"\n") + 1
-  if complete < len(data):
-    with open(path, "r+b") as f:
-      f.truncate(complete)
+def answered(out_dir: str | os.PathLike) -> dict[str, dict]:
+  """The questions already answered in `out_dir` (its predictions.jsonl), by qid."""
+  return _answered(paths.RecordFile(paths.path(out_dir) / "predictions.jsonl"))
+
+
+def _answered(predictions: paths.RecordFile) -> dict[str, dict]:
+  """Answered questions by qid; every stored line must be a prediction record."""
   done = {}
-  for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{number}: not a JSON line ({e}); delete the file to start the "
-                       "evaluation over.") from e
-    if not isinstance(record, dict) or not isinstance(record.get("qid"), str) or not isinstance(
-        record.get("prediction"), str):
-      raise ValueError(f"{path}:{number}: expected an object with 'qid' and 'prediction' "
+  for number, record in enumerate(predictions.records, start=1):
+    if not isinstance(record.get("qid"), str) or not isinstance(record.get("prediction"), str):
+      raise ValueError(f"{predictions.path}:{number}: expected an object with 'qid' and 'prediction' "
                        "strings; delete the file to start the evaluation over.")
     done[record["qid"]] = record
   return done

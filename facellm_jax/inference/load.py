@@ -4,7 +4,10 @@ A training workdir holds only what trained (see `training/checkpoint.py`): the a
 LoRA run, everything for a full run, all but the vision tower otherwise. The rest is rebuilt the
 way training built it (`training.loop.build_model`: the HF checkpoint in `model.hf_checkpoint`,
 or the seeded init), then the trained params are restored over it from the latest complete
-Orbax step. Steps still being written have no commit marker and are never picked.
+Orbax step. Steps still being written have no commit marker and are never picked; a damaged step
+is reported in one line and the next older one is used (`checkpoint.restore_first_intact`, the
+same mechanism training uses; inference only reads, so nothing is set aside here). The workdir
+may be a `gs://` URL; a HF directory (`--hf`) is a local folder.
 
 Inference runs on one device; the params end up in `dtype` (LoRA adapters stay float32, as
 in training, when they are kept unmerged).
@@ -13,6 +16,7 @@ in training, when they are kept unmerged).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,6 +30,7 @@ from absl import logging
 from flax import nnx
 
 from facellm_jax import hf
+from facellm_jax import paths
 from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.models import config as config_lib
 from facellm_jax.models import lora as lora_lib
@@ -43,10 +48,9 @@ class NoCheckpointError(FileNotFoundError):
 
 def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The resolved training config a run wrote to `workdir/config.json`."""
-  path = Path(workdir) / "config.json"
-  if not Path(workdir).is_dir():
-    raise FileNotFoundError(f"workdir {workdir} does not exist; expected the --workdir of a training run")
-  if not path.is_file():
+  workdir = paths.check_input_dir(workdir, "--workdir")
+  path = workdir / "config.json"
+  if not path.exists():
     raise NoCheckpointError(f"{path} is missing: {workdir} is not a training workdir (train with "
                             "`python -m facellm_jax.train --workdir=...` first)")
   try:
@@ -55,9 +59,9 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     raise ValueError(f"{path} is not valid JSON ({e})") from e
 
 
-def _manager(workdir: Path) -> ocp.CheckpointManager:
+def _manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
   """A read-only view of the workdir's checkpoints; raises when none is complete."""
-  directory = workdir.resolve() / "checkpoints"
+  directory = paths.path(workdir) / "checkpoints"
   if directory.is_dir():
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
     verbosity = logging.get_verbosity()
@@ -74,13 +78,27 @@ def _manager(workdir: Path) -> ocp.CheckpointManager:
 
 def latest_step(workdir: str | os.PathLike) -> int:
   """The newest committed checkpoint step of a training workdir."""
-  return _manager(Path(workdir)).latest_step()
+  return _manager(workdir).latest_step()
+
+
+def check_step(workdir: str | os.PathLike, step: int | None) -> int:
+  """`step` (default: the newest) if it is a committed checkpoint step of the workdir, else a
+  one-line `NoCheckpointError` listing the ones there are."""
+  manager = _manager(workdir)
+  steps = sorted(manager.all_steps())
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise NoCheckpointError(f"--step {step}: no complete checkpoint for that step in {manager.directory}; "
+                            f"complete steps: {steps}")
+  return step
 
 
 def tokenizer_path(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-  """Where the run took its tokenizer from (as `training.loop` does, without training one)."""
+  """Where the run took its tokenizer from (as `training.loop` does, without training one), as a
+  local folder: a workdir's tokenizer/ on GCS is downloaded first."""
   path = cfg.get("tokenizer", {}).get("path", "") or cfg.model.get("hf_checkpoint", "")
-  return Path(path) if path else Path(workdir) / "tokenizer"
+  return Path(path) if path else paths.local_copy(paths.path(workdir) / "tokenizer")
 
 
 def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None, *,
@@ -88,25 +106,21 @@ def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict |
   """The trained model of a workdir as training held it (float32 params, LoRA unmerged).
 
   Returns the model, its architecture and the LoRA config (None when the run was not LoRA).
-  `cfg` defaults to the workdir's config.json; `step` to the latest complete one.
+  `cfg` defaults to the workdir's config.json; `step` to the latest intact one.
   """
-  workdir = Path(workdir).resolve()
+  model, mc, lora, _ = _restore_workdir(workdir, cfg, step=step)
+  return model, mc, lora
+
+
+def _restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None, *, step: int | None
+                     ) -> tuple[FaceLLM, config_lib.FaceLLMConfig, lora_lib.LoRAConfig | None, int]:
+  workdir = paths.path(workdir)
   cfg = read_workdir_config(workdir) if cfg is None else cfg
   manager = _manager(workdir)
-  step = manager.latest_step() if step is None else step
-  if step not in manager.all_steps():
-    raise NoCheckpointError(f"no complete checkpoint for step {step} in {manager.directory}; "
-                            f"complete steps: {sorted(manager.all_steps())}")
+  steps = manager.all_steps() if step is None else [check_step(workdir, step)]
   mc = loop.model_config(cfg)
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   trainable = cfg.train.trainable
   expected = {"model": json.loads(json.dumps(config_lib.to_config_dict(mc))), "trainable": trainable}
-  found = {k: meta.get(k) for k in expected}
-  if found != expected:
-    raise ckpt_lib.CheckpointMismatchError(
-        f"checkpoint {workdir / 'checkpoints' / str(step)} was trained as {found['trainable']!r} with model "
-        f"{found['model']}, but the config says {trainable!r} with {expected['model']}; pass the config "
-        "the run was trained with")
   lora = loop.lora_config(cfg)
   wrt = lora_lib.trainable_filter(trainable)
   model = _abstract(mc, lora, DTYPES[cfg.train.compute_dtype])
@@ -117,10 +131,21 @@ def restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict |
     model = loop.build_model(cfg, mc, mesh)
   trained = nnx.state(model, wrt)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(trained))
-  params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+
+  def attempt(s: int):
+    meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    found = {k: meta.get(k) for k in expected}
+    if found != expected:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"checkpoint {manager.directory / str(s)} was trained as {found['trainable']!r} with model "
+          f"{found['model']}, but the config says {trainable!r} with {expected['model']}; pass the config "
+          "the run was trained with")
+    return manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+
+  step, params = ckpt_lib.restore_first_intact(manager.directory, steps, attempt, set_aside=False)
   nnx.replace_by_pure_dict(trained, params)
   nnx.update(model, trained)
-  return model, mc, lora
+  return model, mc, lora, step
 
 
 def _abstract(config: config_lib.FaceLLMConfig, lora: lora_lib.LoRAConfig | None, dtype,
@@ -149,19 +174,36 @@ def cast(model: FaceLLM, config: config_lib.FaceLLMConfig, dtype, lora: lora_lib
   return nnx.merge(graphdef, target)
 
 
+@dataclasses.dataclass
+class Loaded:
+  """A model ready for inference; `step` is the checkpoint step restored (None for `--hf`)."""
+  model: FaceLLM
+  config: config_lib.FaceLLMConfig
+  tokenizer: tok_lib.Tokenizer
+  step: int | None
+
+
 def load_for_inference(workdir: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None, *,
                        config: ml_collections.ConfigDict | None = None, dtype=jnp.float32, merge_lora: bool = True,
                        step: int | None = None) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
   """(model, model config, tokenizer) from exactly one of a training workdir or a HF directory.
 
   Args:
-    workdir: a training workdir; its latest complete checkpoint (or `step`) is loaded.
-    hf_dir: a HF `InternVL*-hf` directory (config.json, safetensors, tokenizer.json).
+    workdir: a training workdir (local or `gs://`); its latest intact checkpoint (or `step`) is loaded.
+    hf_dir: a local HF `InternVL*-hf` directory (config.json, safetensors, tokenizer.json).
     config: the training config, instead of the workdir's config.json.
     dtype: params and compute dtype (jnp.float32 or jnp.bfloat16, or their names).
     merge_lora: fold a LoRA run's adapters into the base weights (faster, same outputs).
     step: a checkpoint step other than the latest.
   """
+  loaded = load_checkpoint(workdir, hf_dir, config=config, dtype=dtype, merge_lora=merge_lora, step=step)
+  return loaded.model, loaded.config, loaded.tokenizer
+
+
+def load_checkpoint(workdir: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None, *,
+                    config: ml_collections.ConfigDict | None = None, dtype=jnp.float32, merge_lora: bool = True,
+                    step: int | None = None) -> Loaded:
+  """`load_for_inference`, also saying which checkpoint step it restored."""
   if (workdir is None) == (hf_dir is None):
     raise ValueError("pass exactly one of a training workdir or a HF checkpoint directory")
   if isinstance(dtype, str):
@@ -169,18 +211,20 @@ def load_for_inference(workdir: str | os.PathLike | None = None, hf_dir: str | o
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dtype = DTYPES[dtype]
   if hf_dir is not None:
+    if paths.is_remote(hf_dir):
+      raise ValueError(f"--hf {hf_dir}: a HF checkpoint is read from a local folder; copy it with "
+                       f"`gcloud storage cp -r {hf_dir} DIR` (or use a gcsfuse mount)")
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
       raise FileNotFoundError(f"HF checkpoint directory {hf_dir} does not exist")
     model, mc = hf.load_pretrained(hf_dir, dtype, compute_dtype=dtype)
-    return model, mc, tok_lib.load_tokenizer(hf_dir)
-  workdir = Path(workdir)
+    return Loaded(model, mc, tok_lib.load_tokenizer(hf_dir), None)
   cfg = read_workdir_config(workdir) if config is None else config
-  model, mc, lora = restore_workdir(workdir, cfg, step=step)
+  model, mc, lora, step = _restore_workdir(workdir, cfg, step=step)
   if lora is not None and merge_lora:
     lora_lib.merge_lora(model)
     lora = None
-  return cast(model, mc, dtype, lora), mc, tok_lib.load_tokenizer(tokenizer_path(cfg, workdir))
+  return Loaded(cast(model, mc, dtype, lora), mc, tok_lib.load_tokenizer(tokenizer_path(cfg, workdir)), step)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -206,9 +250,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_model_args(parser: argparse.ArgumentParser, *, hf: bool = True) -> None:
   """--workdir / --hf / --config / --step / --dtype, shared by the inference CLIs."""
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="training workdir: its latest complete checkpoint is loaded")
+  source.add_argument("--workdir", help="training workdir (a folder or gs:// URL): its latest intact checkpoint "
+                                        "is loaded")
   if hf:
-    source.add_argument("--hf", help="HF InternVL directory (config.json, safetensors, tokenizer.json)")
+    source.add_argument("--hf", help="local HF InternVL directory (config.json, safetensors, tokenizer.json)")
   parser.add_argument("--config", help="the run's training config file[:arg] (default: WORKDIR/config.json)")
   parser.add_argument("--step", type=int, help="checkpoint step to load (default: the latest complete one)")
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params and compute dtype")
@@ -216,6 +261,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, hf: bool = True) -> None:
 
 def load_from_args(args: argparse.Namespace, *, merge_lora: bool = True
                    ) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
+  loaded = load_model(args, merge_lora=merge_lora)
+  return loaded.model, loaded.config, loaded.tokenizer
+
+
+def load_model(args: argparse.Namespace, *, merge_lora: bool = True) -> Loaded:
+  """The model the CLI flags of `add_model_args` name, with the step it came from."""
   config = load_config_file(args.config) if args.config else None
-  return load_for_inference(args.workdir, getattr(args, "hf", None), config=config, dtype=args.dtype,
-                            merge_lora=merge_lora, step=args.step)
+  return load_checkpoint(args.workdir, getattr(args, "hf", None), config=config, dtype=args.dtype,
+                         merge_lora=merge_lora, step=args.step)

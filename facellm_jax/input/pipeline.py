@@ -21,6 +21,7 @@ Batch (every step the same shapes; B = batch_size, T = seq_len, M = max_images_p
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,19 +43,63 @@ _MAX_CONSECUTIVE_DROPS = 1000
 _MIN_TEXT_TOKENS = 12
 
 
-def open_tfds_source(data_dir: str | os.PathLike, split: str = "train") -> Sequence[dict[str, Any]]:
-  """The random-access ArrayRecord data source of a TFDS dataset directory written by data_gen."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+class DatasetError(ValueError):
+  """A dataset directory that cannot be read: damaged metadata or a damaged ArrayRecord shard."""
 
+
+# What the readers raise on damaged bytes: riegeli's "Corrupted Riegeli/records file" (RuntimeError),
+# protobuf's ParseError and json's JSONDecodeError (ValueErrors), a missing shard (OSError).
+READ_ERRORS = (RuntimeError, ValueError, OSError)
+
+
+def open_tfds_source(data_dir: str | os.PathLike, split: str = "train") -> Sequence[dict[str, Any]]:
+  """The random-access ArrayRecord data source of a TFDS dataset directory written by data_gen.
+
+  The first record of every shard is read here, so a damaged metadata file or a truncated shard
+  (its footer is at the end) is one `DatasetError` naming the file, before any training starts.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
+
+  data_dir = os.fspath(data_dir)
   try:
-    builder = tfds.builder_from_directory(os.fspath(data_dir))
-  except OSError as e:
-    raise FileNotFoundError(
-        f"{data_dir} is not a TFDS dataset directory (no readable dataset_info.json); expected "
-        "the output directory of `python -m data_gen generate`") from e
+    builder = tfds.builder_from_directory(data_dir)
+  except (*READ_ERRORS, json_format.ParseError) as e:
+    if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+      raise FileNotFoundError(
+          f"{data_dir} is not a TFDS dataset directory (no dataset_info.json); expected the output "
+          "directory of `python -m data_gen generate`") from e
+    raise DatasetError(f"{data_dir}: {_damaged_metadata(data_dir)} is damaged ({_one_line(e)}); "
+                       "regenerate the dataset (or restore that file)") from e
   if split not in builder.info.splits:
     raise ValueError(f"dataset {data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
-  return builder.as_data_source(split=split)
+  info = builder.info.splits[split]
+  source = builder.as_data_source(split=split)
+  first = 0
+  for filename, length in zip(info.filenames, info.shard_lengths):
+    try:
+      source[first]
+    except READ_ERRORS as e:
+      raise DatasetError(f"{data_dir}: shard {filename} is damaged ({_one_line(e)}); regenerate the "
+                         "dataset (a rerun of `data_gen generate` with a fresh --out)") from e
+    first += length
+  return source
+
+
+def _damaged_metadata(data_dir: str) -> str:
+  """Which of the dataset's JSON files does not parse (the metadata when both do)."""
+  for name in ("dataset_info.json", "features.json"):
+    try:
+      with open(os.path.join(data_dir, name), "rb") as f:
+        json.load(f)
+    except (OSError, ValueError):
+      return name
+  return "the dataset metadata"
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _text(value: Any) -> str:

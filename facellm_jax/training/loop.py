@@ -1,13 +1,17 @@
 """The training loop: config -> mesh, model, data -> jitted steps -> metrics and checkpoints.
 
-Everything that can be wrong with the inputs (dataset, mesh, batch split, tokenizer, an existing
-checkpoint of another model) is checked before anything is written to the workdir, so a failed
-start never leaves state that breaks the next run. Outputs in the workdir:
+Everything that can be wrong with the inputs (every config value, the workdir, the dataset, mesh,
+batch split, tokenizer, an existing checkpoint of another model) is checked before anything is
+written to the workdir, so a failed start never leaves state that breaks the next run. The
+workdir may be local or a `gs://` URL (`paths.py`); only process 0 writes its shared files:
   config.json      the resolved config
-  metrics.jsonl    one JSON object per logged step (process 0)
+  metrics.jsonl    one JSON object per logged step, each step once: on a resume the lines past the
+                   restored step are dropped and the rerun logs them again (`paths.RecordFile`)
   tokenizer/       the tokenizer trained on the dataset's text, for configs without one
-  checkpoints/     Orbax (see `training/checkpoint.py`)
-  tensorboard/     the same scalars as TensorBoard event files (tensorboardX, no TensorFlow needed)
+  checkpoints/     Orbax (see `training/checkpoint.py`); a damaged step is set aside there
+  tensorboard/     the same scalars as TensorBoard event files (tensorboardX, no TensorFlow needed;
+                   on GCS through google-cloud-storage)
+SIGTERM (a preemption) and SIGINT (Ctrl-C) stop after the current step with a checkpoint saved.
 Throughput is the last step's tokens (non-padding, images' placeholders included) and examples over
 the mean step time since the previous log line; MFU uses `step.train_flops_per_step`.
 """
@@ -15,10 +19,7 @@ the mean step time since the previous log line; MFU uses `step.train_flops_per_s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
-import shutil
 import signal
 import tempfile
 import time
@@ -35,6 +36,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from facellm_jax import hf
+from facellm_jax import paths
 from facellm_jax.input import pipeline
 from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.models import attention as attention_lib
@@ -43,14 +45,13 @@ from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
 from facellm_jax.training import checkpoint as ckpt_lib
 from facellm_jax.training import step as step_lib
+from facellm_jax.training import validate
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Records read to train a tokenizer for a config that has none (tiny configs).
 _TOKENIZER_TEXTS = 20_000
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work (with the message saying which key and why)."""
+ConfigError = validate.ConfigError
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> config_lib.FaceLLMConfig:
@@ -88,27 +89,31 @@ def _rows_per_process(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
   return micro // jax.process_count()
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, source, vocab_size: int):
+def _tokenizer(cfg: ml_collections.ConfigDict, workdir: paths.Path, source, vocab_size: int):
   path = cfg.tokenizer.path or cfg.model.get("hf_checkpoint", "")
   if path:
     return tok_lib.load_tokenizer(path)
   out = workdir / "tokenizer"
-  if (out / "tokenizer.json").is_file():
-    return tok_lib.load_tokenizer(out)
-  # Trained in a temporary directory and renamed: an interrupted run leaves no half tokenizer.
+  if (out / "tokenizer.json").exists():
+    return tok_lib.load_tokenizer(paths.local_copy(out))
+  # Trained in a local temporary folder, removed on any failure, then copied with tokenizer.json
+  # last: a tokenizer/ without it is incomplete and trained again.
   n = min(len(source), _TOKENIZER_TEXTS)
-  texts = (pipeline.record_text(source[i]) for i in range(n))
-  tmp = tempfile.mkdtemp(dir=workdir, prefix=".tokenizer-")
-  tokenizer = tok_lib.train_tokenizer(texts, vocab_size, tmp)
-  if jax.process_index() == 0:
-    os.replace(tmp, out)
-  else:
-    shutil.rmtree(tmp)
+  texts = (pipeline.record_text(_read(lambda: source[i], f"record {i} of data.dir {cfg.data.dir}"))
+           for i in range(n))
+  with tempfile.TemporaryDirectory(prefix="facellm-tokenizer-") as tmp:
+    tokenizer = tok_lib.train_tokenizer(texts, vocab_size, tmp)
+    if jax.process_index() == 0:
+      paths.copy_dir(tmp, out, last="tokenizer.json")
   return tokenizer
 
 
 def base_dtype(cfg: ml_collections.ConfigDict, platform: str) -> jnp.dtype:
-  """`train.base_dtype` of the base weights: LoRA's frozen base may be bfloat16; trained weights stay float32."""
+  """`train.base_dtype` of the base weights: LoRA's frozen base may be bfloat16; trained weights stay float32.
+
+  `validate.check_config` reports bad values for a training run; this raises them too for the
+  callers that build a model without it (`compile_only`).
+  """
   name = cfg.train.base_dtype
   if name == "auto":
     name = "bfloat16" if cfg.train.trainable == "lora" and platform != "cpu" else "float32"
@@ -126,6 +131,15 @@ def attention(cfg: ml_collections.ConfigDict, platform: str) -> str:
     return attention_lib.resolve(cfg.train.attention, platform)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _read(get, what: str):
+  """`get()`, with a damaged dataset's read error (riegeli raises RuntimeError) as one line."""
+  try:
+    return get()
+  except (RuntimeError, OSError) as e:
+    raise pipeline.DatasetError(f"{what} cannot be read ({paths.one_line(e, 300)}); the dataset is damaged: "
+                                "regenerate it") from e
 
 
 def build_model(cfg: ml_collections.ConfigDict, mc: config_lib.FaceLLMConfig,
@@ -173,39 +187,61 @@ def _images_per_row(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (then saves and stops)."""
+  """Turns SIGTERM (a preemption) and SIGINT (Ctrl-C) into a flag the loop checks after each step,
+  then saves and stops. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing new."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     except ValueError:  # not the main thread: no preemption handling.
-      self._previous = None
+      self._previous = {}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def requested(self, sync: bool) -> bool:
+    """Whether to stop now; with `sync`, on every process as soon as one was signalled (they must
+    save the same step together)."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if not sync:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    signals = multihost_utils.process_allgather(np.array([self.signum or 0]))
+    self.signum = self.signum or int(np.max(signals)) or None
+    return self.signum is not None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM after saving a checkpoint; rerun with the same workdir."""
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun with the same workdir."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum = signum
+    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
+                     "rerun the same command to resume")
 
 
 def _check_dataset(cfg: ml_collections.ConfigDict):
-  if not cfg.data.dir:
-    raise ConfigError("data.dir is empty: set --config.data.dir to a dataset written by "
-                      "`python -m data_gen generate`")
+  """The training split of `data.dir` (a local folder: `validate` refuses URLs)."""
   if not os.path.isdir(cfg.data.dir):
-    raise FileNotFoundError(f"data.dir {cfg.data.dir} does not exist; expected the output directory "
-                            "of `python -m data_gen generate`")
+    what = "is a file" if os.path.exists(cfg.data.dir) else "does not exist"
+    raise FileNotFoundError(f"data.dir {cfg.data.dir} {what}; expected the output directory of "
+                            "`python -m data_gen generate`")
   return pipeline.open_tfds_source(cfg.data.dir, cfg.data.get("split", "train"))
 
 
@@ -217,36 +253,42 @@ class TrainResult:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_progress: bool = True,
           devices: Sequence[jax.Device] | None = None) -> TrainResult:
-  """Trains to `train.num_steps`, resuming from the workdir's latest checkpoint.
+  """Trains to `train.num_steps`, resuming from the workdir's latest intact checkpoint.
 
-  `devices` (default: all) is what `mesh.shape` is laid over.
+  `workdir` is a local folder or a `gs://` URL; `devices` (default: all) is what `mesh.shape` is
+  laid over.
   """
-  workdir = pathlib.Path(workdir)
+  validate.check_config(cfg)
+  workdir = paths.check_output_dir(workdir, "--workdir")
   t = cfg.train
-  if t.compute_dtype not in _DTYPES:
-    raise ConfigError(f"train.compute_dtype must be one of {sorted(_DTYPES)}, got {t.compute_dtype!r}")
   wrt = lora_lib.trainable_filter(t.trainable)
   source = _check_dataset(cfg)
   mesh = sharding.make_mesh(dict(cfg.mesh.shape), devices)
-  base_dtype(cfg, mesh.devices.flat[0].platform)  # these two raise on bad values before the workdir is touched
-  attention(cfg, mesh.devices.flat[0].platform)
   rows = _rows_per_process(cfg, mesh)
   mc = model_config(cfg)
-  workdir.mkdir(parents=True, exist_ok=True)
+  paths.makedirs(workdir)
   meta = {"model": config_lib.to_config_dict(mc), "trainable": t.trainable,
           "lora": None if t.trainable != "lora" else dict(cfg.lora.to_dict())}
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=cfg.checkpoint.every_steps,
                                keep=cfg.checkpoint.keep, meta=meta)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    ckpt.check_meta(latest)  # before anything else is written.
+  try:
+    return _train(cfg, workdir, ckpt, source=source, mesh=mesh, rows=rows, mc=mc, wrt=wrt,
+                  show_progress=show_progress)
+  finally:
+    ckpt.close()
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.Checkpointer, *, source,
+           mesh: jax.sharding.Mesh, rows: int, mc: config_lib.FaceLLMConfig, wrt, show_progress: bool) -> TrainResult:
+  t = cfg.train
+  latest = ckpt.latest_setup_step()  # a checkpoint of another setup is refused before anything is written.
   tokenizer = _tokenizer(cfg, workdir, source, mc.text.vocab_size)
   if tokenizer.vocab_size > mc.text.vocab_size or tokenizer.image_token_id != mc.image_token_id:
     raise ConfigError(
         f"tokenizer (vocab {tokenizer.vocab_size}, <IMG_CONTEXT> id {tokenizer.image_token_id}) does not "
         f"fit the model (vocab {mc.text.vocab_size}, image_token_id {mc.image_token_id})")
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2, sort_keys=True))
 
   dataset = pipeline.make_dataset(
       source, tokenizer, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
@@ -270,19 +312,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
     # The live arrays already sit in their target shardings: restore straight into those.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             (nnx.to_pure_dict(nnx.state(model, wrt)), nnx.to_pure_dict(nnx.state(optimizer))))
-    params, opt_state = ckpt.restore(latest, abstract[0], abstract[1], iterator)
-    trainable = nnx.state(model, wrt)
-    nnx.replace_by_pure_dict(trainable, params)
-    nnx.update(model, trainable)
-    opt = nnx.state(optimizer)
-    nnx.replace_by_pure_dict(opt, opt_state)
-    nnx.update(optimizer, opt)
-    state = nnx.state((model, optimizer))
-    start = latest
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
+    restored = ckpt.restore(abstract[0], abstract[1], iterator)
+    if restored is not None:
+      start, params, opt_state = restored
+      trainable = nnx.state(model, wrt)
+      nnx.replace_by_pure_dict(trainable, params)
+      nnx.update(model, trainable)
+      opt = nnx.state(optimizer)
+      nnx.replace_by_pure_dict(opt, opt_state)
+      nnx.update(optimizer, opt)
+      state = nnx.state((model, optimizer))
+      logging.info("resumed from %s/%d", ckpt.directory, start)
 
   if start >= t.num_steps:
-    ckpt.close()
     return TrainResult([], state)
   rows_global = rows * jax.process_count()
   dummy = {k: None for k in ("input_ids", "targets", "loss_mask", "positions", "segment_ids",
@@ -301,21 +343,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
               iterator.get_state(), force=force)
 
   logged: list[dict[str, float]] = []
-  metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
-  summaries = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+  writer = jax.process_index() == 0
+  # Steps past the restored checkpoint are trained and logged again: their old lines go.
+  metrics_file = paths.RecordFile(workdir / "metrics.jsonl", keep=lambda r: r.get("step", 0) <= start) \
+      if writer else None
+  summaries = SummaryWriter(os.fspath(workdir / "tensorboard")) if writer else None
   bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-             disable=not show_progress or jax.process_index() != 0)
+             disable=not show_progress or not writer)
   logging.info("training %d trainable parameters (%s) on mesh %s, %d rows/step",
                n_trainable, t.trainable, dict(mesh.shape), rows_global * t.grad_accum)
   window_start, window_steps = time.perf_counter(), 0
   try:
     with _Preemption() as preemption:
       for step in range(start, t.num_steps):
-        batch = _global_batch([next(iterator) for _ in range(t.grad_accum)], batch_sh, jax.process_count())
+        micro = [_read(lambda: next(iterator), f"the batch of step {step + 1} from data.dir {cfg.data.dir}")
+                 for _ in range(t.grad_accum)]
+        batch = _global_batch(micro, batch_sh, jax.process_count())
         state, metrics = train_step(state, batch)
         window_steps += 1
         done = step + 1
-        if done % t.log_every == 0 or done == t.num_steps or done == start + 1:
+        logs = done % t.log_every == 0 or done == t.num_steps or done == start + 1
+        if logs:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           seconds = (time.perf_counter() - window_start) / window_steps
           record = {"step": done, **metrics, "seconds_per_step": seconds,
@@ -324,9 +372,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
           if peak is not None:
             record["mfu"] = flops / seconds / (peak * jax.device_count())
           logged.append(record)
-          if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+          if writer:
+            metrics_file.append([record])
             for key, value in record.items():
               if key != "step":
                 summaries.add_scalar(f"train/{key}", value, done)
@@ -334,15 +381,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, show_pr
           bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
           window_start, window_steps = time.perf_counter(), 0
         bar.update(1)
-        if preemption.requested:
+        # Several processes agree on stopping where they sync anyway (log and checkpoint steps).
+        if preemption.requested(sync=logs or done % cfg.checkpoint.every_steps == 0):
           save(done, force=True)
-          ckpt.close()
-          raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint saved, rerun to resume")
+          ckpt.wait()
+          raise Preempted(preemption.signum, done)
         save(done, force=done == t.num_steps)
   finally:
     bar.close()
-    if metrics_file is not None:
-      metrics_file.close()
+    if summaries is not None:
       summaries.close()
-    ckpt.close()
   return TrainResult(logged, state)
