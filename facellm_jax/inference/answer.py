@@ -92,8 +92,8 @@ def prepare(config: FaceLLMConfig, tokenizer: Tokenizer, text: str, images: Sequ
   return ids, (np.concatenate(pixels) if pixels else None)
 
 
-def _generate_batch(model, config, tokenizer, items, settings: Settings) -> list[str]:
-  """One generator call for [(text, images)]; pixels concatenated in row order."""
+def _generate_batch(model, config, tokenizer, items, settings: Settings, batch: int | None = None) -> list[str]:
+  """One generator call for [(text, images)], topped up to `batch` rows; pixels concatenated in row order."""
   prompts, pixels = [], []
   for text, images in items:
     ids, pv = prepare(config, tokenizer, text, images, max_tiles=settings.max_tiles,
@@ -102,7 +102,7 @@ def _generate_batch(model, config, tokenizer, items, settings: Settings) -> list
     if pv is not None:
       pixels.append(pv)
   out = generator(model, tokenizer, settings)(prompts, np.concatenate(pixels) if pixels else None,
-                                               seed=settings.seed)
+                                               seed=settings.seed, batch=batch)
   return [tokenizer.decode(row, skip_special_tokens=True) for row in out]
 
 
@@ -138,8 +138,8 @@ def make_generate_fn(model: FaceLLM, config: FaceLLMConfig, tokenizer: Tokenizer
                      batch_size: int = 8, **settings) -> facexbench.GenerateFn:
   """A `facexbench.evaluate` generate_fn: prompts in chunks of `batch_size`, greedy by default.
 
-  A short last chunk is filled up with copies of its last prompt (answers dropped), so every
-  call has the same batch shape and the compiled code is reused.
+  A short last chunk is topped up with dummy rows (done from the start), so every call has the
+  same batch shape and the compiled code is reused.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,9 +149,7 @@ def make_generate_fn(model: FaceLLM, config: FaceLLMConfig, tokenizer: Tokenizer
     answers = []
     for start in range(0, len(prompts), batch_size):
       chunk = [(p.text, p.image_paths) for p in prompts[start:start + batch_size]]
-      real = len(chunk)
-      chunk += [chunk[-1]] * (batch_size - real)
-      answers += _generate_batch(model, config, tokenizer, chunk, s)[:real]
+      answers += _generate_batch(model, config, tokenizer, chunk, s, batch=batch_size)
     return answers
 
   return generate_fn

@@ -8,6 +8,12 @@ retraced per token, and every `Generator` over the same model shares the compile
 
 Positions count only valid tokens (as transformers derives them from `attention_mask`), so
 left padding does not shift RoPE and a prompt decodes the same alone or in a batch.
+
+On a mesh (the model's params carry `NamedSharding`s, see `inference/load.py`) the prompt rows
+split over `data` x `fsdp` (a batch is topped up with dummy rows, done from the start, to a
+multiple of their product) and the KV cache [B, S, kv heads, head dim] over rows and `tensor`
+on the kv heads; the weights stay where the rules put them, and XLA partitions the rest. The
+tokens are the same on any mesh.
 """
 
 from __future__ import annotations
@@ -21,15 +27,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from facellm_jax.inference.sampling import Sampling, sample
 from facellm_jax.models.facellm import FaceLLM
+from facellm_jax.models.language import LayerCache
 
 Array = jax.Array
 
 # How often each jitted function below has been traced (= compiled); benchmarks and tests
 # read it to prove that repeated calls with the same shapes do not recompile.
 TRACES: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a batch lives on the model's mesh (a jit static argument, hence frozen and hashable)."""
+  rows: NamedSharding  # [B, ...] over data x fsdp
+  cache: NamedSharding  # [B, S, K, H]: rows over data x fsdp, kv heads over tensor
+  replicated: NamedSharding
+
+  @property
+  def row_multiple(self) -> int:
+    mesh = self.rows.mesh
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+  @classmethod
+  def of(cls, model: FaceLLM) -> Layout | None:
+    """The layout of the mesh the model's params sit on; None for plain single-device arrays."""
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+      if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+        mesh = leaf.sharding.mesh
+        kv = model.config.text.num_key_value_heads
+        heads = "tensor" if kv % mesh.shape["tensor"] == 0 else None
+        rows = ("data", "fsdp")
+        return cls(NamedSharding(mesh, P(rows)), NamedSharding(mesh, P(rows, None, heads, None)),
+                   NamedSharding(mesh, P()))
+    return None
+
+
+def _constrain(cache, layout: Layout | None):
+  if layout is None:
+    return cache
+  return [LayerCache(*(jax.lax.with_sharding_constraint(x, layout.cache) for x in c)) for c in cache]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +81,8 @@ class _Decoding:
   sampling: Sampling
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, state, ids, mask, pixel_values, *, cache_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "layout"))
+def _prefill(graphdef, state, ids, mask, pixel_values, *, cache_len, layout: Layout | None = None):
   """Writes the prompt into slots [0, P) of a fresh cache; returns the last-token logits."""
   TRACES["prefill"] += 1
   model = nnx.merge(graphdef, state)
@@ -50,9 +90,9 @@ def _prefill(graphdef, state, ids, mask, pixel_values, *, cache_len):
   positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
   # Slots past the prompt are marked valid up front: the causal mask hides them until written.
   key_valid = jnp.concatenate([mask, jnp.ones((b, cache_len - p), bool)], axis=1)
-  cache = model.language.init_cache(b, cache_len)
+  cache = _constrain(model.language.init_cache(b, cache_len), layout)
   logits, cache = model.decode_step(ids, pixel_values, positions, key_valid, cache, jnp.int32(0))
-  return logits[:, 0], cache, key_valid
+  return logits[:, 0], _constrain(cache, layout), key_valid
 
 
 def _pick(logits, key, step, done, d: _Decoding):
@@ -62,13 +102,14 @@ def _pick(logits, key, step, done, d: _Decoding):
   return token, done | jnp.isin(token, jnp.asarray(d.eos_ids, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "d"))
-def _decode(graphdef, state, logits, cache, key_valid, start, lengths, key, *, d: _Decoding):
-  """The whole decode loop: [B, max_new_tokens] tokens, pad after each row's EOS."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "d", "layout"))
+def _decode(graphdef, state, logits, cache, key_valid, start, lengths, live, key, *, d: _Decoding,
+            layout: Layout | None = None):
+  """The whole decode loop: [B, max_new_tokens] tokens, pad after each row's EOS (all pad where not `live`)."""
   TRACES["decode"] += 1
   model = nnx.merge(graphdef, state)
   b, n = logits.shape[0], d.max_new_tokens
-  token, done = _pick(logits, key, 0, jnp.zeros((b,), bool), d)
+  token, done = _pick(logits, key, 0, ~live, d)
   out = jnp.full((b, n), d.pad_id, jnp.int32).at[:, 0].set(token)
 
   def cond(carry):
@@ -81,7 +122,7 @@ def _decode(graphdef, state, logits, cache, key_valid, start, lengths, key, *, d
     logits, cache = model.decode_step(token[:, None], None, (lengths + step - 1)[:, None], key_valid, cache,
                                       start + step - 1)
     token, done = _pick(logits[:, 0], key, step, done, d)
-    return step + 1, token, cache, done, out.at[:, step].set(token)
+    return step + 1, token, _constrain(cache, layout), done, out.at[:, step].set(token)
 
   *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, done, out))
   return out
@@ -92,13 +133,14 @@ def _first(logits, key, *, sampling: Sampling):
   return sample(logits, jax.random.fold_in(key, 0), sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
-def _step(graphdef, state, token, cache, key_valid, index, position, key, step, *, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "layout"), donate_argnames="cache")
+def _step(graphdef, state, token, cache, key_valid, index, position, key, step, *, sampling: Sampling,
+          layout: Layout | None = None):
   """One streaming step: feed `token` into slot `index`, sample token number `step`."""
   TRACES["step"] += 1
   model = nnx.merge(graphdef, state)
   logits, cache = model.decode_step(token[:, None], None, position[:, None], key_valid, cache, index)
-  return sample(logits[:, 0], jax.random.fold_in(key, step), sampling), cache
+  return sample(logits[:, 0], jax.random.fold_in(key, step), sampling), _constrain(cache, layout)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -129,8 +171,11 @@ class Generator:
     self.decoding = _Decoding(max_new_tokens, tuple(int(e) for e in eos_ids), pad_id,
                               Sampling(temperature, top_p, top_k))
 
-  def _prepare(self, prompts: Sequence[Sequence[int]], pixel_values) -> tuple[np.ndarray, np.ndarray, int]:
-    """Left-pads prompts into [B, P] ids + validity mask; P is bucketed to bound recompiles."""
+  def _prepare(self, prompts: Sequence[Sequence[int]], pixel_values, rows: int
+               ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """Left-pads prompts into [rows, P] ids + validity mask (P bucketed to bound recompiles); rows
+    past the prompts are dummies of one pad token. Images are topped up with zero images (never
+    looked up) to a multiple of `rows`, so their count too takes few values and splits over data."""
     if not prompts or any(len(p) == 0 for p in prompts):
       raise ValueError(f"every prompt needs at least one token; got lengths {[len(p) for p in prompts]}")
     longest, n = max(len(p) for p in prompts), self.decoding.max_new_tokens
@@ -143,8 +188,9 @@ class Generator:
       if longest + n - 1 > cache_len:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={n} does not fit cache_len={cache_len}")
       p = min(_round_up(longest, self.bucket), cache_len - n + 1)
-    ids = np.full((len(prompts), p), self.decoding.pad_id, np.int32)
-    mask = np.zeros((len(prompts), p), bool)
+    ids = np.full((rows, p), self.decoding.pad_id, np.int32)
+    mask = np.zeros((rows, p), bool)
+    mask[len(prompts):, -1] = True
     for row, prompt in enumerate(prompts):
       ids[row, p - len(prompt):] = prompt
       mask[row, p - len(prompt):] = True
@@ -155,24 +201,41 @@ class Generator:
       raise ValueError(f"prompts hold {placeholders} image placeholders (token {config.image_token_id}) but "
                        f"{images} image(s) need {images * config.image_seq_length} "
                        f"({config.image_seq_length} each)")
-    return ids, mask, cache_len
+    if images % rows:
+      pixel_values = np.concatenate([pixel_values, np.zeros((rows - images % rows, *pixel_values.shape[1:]),
+                                                            pixel_values.dtype)])
+    return ids, mask, cache_len, pixel_values
 
-  def _prefill(self, prompts, pixel_values):
+  def _prefill(self, prompts, pixel_values, batch: int | None = None):
     graphdef, state = nnx.split(self.model)
+    layout = Layout.of(self.model)
+    multiple = 1 if layout is None else layout.row_multiple
+    rows = _round_up(max(len(prompts), batch or 0), multiple)
     if pixel_values is not None:
-      pixel_values = jnp.asarray(pixel_values, jnp.float32)
-    ids, mask, cache_len = self._prepare(prompts, pixel_values)
-    logits, cache, key_valid = _prefill(graphdef, state, ids, mask, pixel_values, cache_len=cache_len)
-    return graphdef, state, logits, cache, key_valid, ids.shape[1], mask.sum(axis=1).astype(np.int32)
+      pixel_values = np.asarray(pixel_values, np.float32)
+    ids, mask, cache_len, pixel_values = self._prepare(prompts, pixel_values, rows)
+    live = np.arange(rows) < len(prompts)
+    if layout is not None:
+      ids, mask, live = jax.device_put((ids, mask, live), layout.rows)
+      if pixel_values is not None:
+        pixel_values = jax.device_put(pixel_values, layout.rows)
+    logits, cache, key_valid = _prefill(graphdef, state, ids, mask, pixel_values, cache_len=cache_len, layout=layout)
+    lengths = np.asarray(mask).sum(axis=1).astype(np.int32)
+    return graphdef, state, logits, cache, key_valid, ids.shape[1], lengths, live, layout
 
   def __call__(self, prompts: Sequence[Sequence[int]], pixel_values: Array | np.ndarray | None = None, *,
-               seed: int = 0) -> list[list[int]]:
-    """New tokens per prompt, EOS excluded. pixel_values [N, H, W, 3]: images in prompt order, row-major."""
-    graphdef, state, logits, cache, key_valid, start, lengths = self._prefill(prompts, pixel_values)
-    out = _decode(graphdef, state, logits, cache, key_valid, start, lengths, jax.random.key(seed), d=self.decoding)
+               seed: int = 0, batch: int | None = None) -> list[list[int]]:
+    """New tokens per prompt, EOS excluded. pixel_values [N, H, W, 3]: images in prompt order, row-major.
+
+    `batch` tops a shorter call up with dummy rows to that many, so calls share compiled code.
+    """
+    graphdef, state, logits, cache, key_valid, start, lengths, live, layout = self._prefill(
+        prompts, pixel_values, batch)
+    out = _decode(graphdef, state, logits, cache, key_valid, start, lengths, live, jax.random.key(seed),
+                  d=self.decoding, layout=layout)
     eos = set(self.decoding.eos_ids)
     result = []
-    for row in np.asarray(out).tolist():
+    for row in np.asarray(out)[:len(prompts)].tolist():
       stop = next((i for i, t in enumerate(row) if t in eos), len(row))
       result.append(row[:stop])
     return result
@@ -181,7 +244,7 @@ class Generator:
              seed: int = 0) -> Iterator[int]:
     """Yields the new tokens of one prompt as they come (EOS excluded); same tokens as `self([prompt])`."""
     d, key = self.decoding, jax.random.key(seed)
-    graphdef, state, logits, cache, key_valid, start, lengths = self._prefill([prompt], pixel_values)
+    graphdef, state, logits, cache, key_valid, start, lengths, _, layout = self._prefill([prompt], pixel_values)
     token = _first(logits, key, sampling=d.sampling)
     for step in range(1, d.max_new_tokens + 1):
       value = int(token[0])
@@ -191,7 +254,7 @@ class Generator:
       if step == d.max_new_tokens:
         return
       token, cache = _step(graphdef, state, token, cache, key_valid, start + step - 1, lengths + step - 1, key,
-                           step, sampling=d.sampling)
+                           step, sampling=d.sampling, layout=layout)
 
 
 def generate(model: FaceLLM, prompts: Sequence[Sequence[int]], pixel_values: Array | np.ndarray | None = None, *,
