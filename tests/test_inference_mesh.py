@@ -1,11 +1,17 @@
 """Inference on a device mesh: same tokens as one device, weights and KV cache really sharded, one-line errors."""
 
 import json
+import os
+import pathlib
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from facellm_jax import evaluate as evaluate_cli
 from facellm_jax import hf
@@ -15,6 +21,7 @@ from facellm_jax.inference.generate import Generator
 from hf_tiny import IMAGE_TOKEN_ID as IMG, make_hf_model, save_hf_model
 from test_evaluate_cli import NEW_TOKENS, write_benchmark
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOS = (126, 127)
 NEW = 8
 # data x tensor over 4 of the 8 fake CPU devices (conftest), and one device as the reference.
@@ -91,24 +98,64 @@ def test_workdir_restores_into_the_mesh_shardings(lora_workdir):
   kernel = sharded.model.language.layers[0].attn.q_proj.kernel[...]
   assert kernel.shape == (128, 128) and _shard(kernel) == (128, 64)
   ids = np.arange(1, 21, dtype=np.int32)[None].repeat(2, 0)
-  np.testing.assert_allclose(np.asarray(sharded.model(ids)), np.asarray(single.model(ids)), atol=1e-5)
+  forward = jax.jit(lambda graphdef, state: nnx.merge(graphdef, state)(ids), static_argnums=0)  # eager ops
+  np.testing.assert_allclose(np.asarray(forward(*nnx.split(sharded.model))),  # would compile one by one
+                             np.asarray(forward(*nnx.split(single.model))), atol=1e-5)
 
 
-def test_evaluate_on_a_mesh_writes_the_unsharded_report(lora_workdir, tmp_path):
-  bench = write_benchmark(tmp_path / "bench")
-  out = tmp_path / "mesh" / "report.json"
-  argv = ["--workdir", str(lora_workdir), "--facexbench", str(bench), "--out", str(out), "--batch_size", "2",
-          "--max_new_tokens", str(NEW_TOKENS), "--max_tiles", "1", "--mesh", "data=2,fsdp=2,tensor=2"]
-  assert evaluate_cli.main(argv) == 0
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  return write_benchmark(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def one_device_eval(lora_workdir, bench, tmp_path_factory):
+  """The benchmark answered on one device through the library (what `evaluate` does unsharded)."""
   config = load.loop.model_config(load.read_workdir_config(lora_workdir))
   model, config, tokenizer = load.load_for_inference(lora_workdir, mesh=_mesh(config, "data=1", 1))
   generate_fn = answer.make_generate_fn(model, config, tokenizer, max_new_tokens=NEW_TOKENS, batch_size=2,
                                         max_tiles=1)
-  expected = facexbench.evaluate(facexbench.load_benchmark(bench), generate_fn, tmp_path / "one", batch_size=2)
+  out = tmp_path_factory.mktemp("one")
+  return out, facexbench.evaluate(facexbench.load_benchmark(bench), generate_fn, out, batch_size=2)
+
+
+def _argv(workdir, bench, out, *extra):
+  return ["--workdir", str(workdir), "--facexbench", str(bench), "--out", str(out), "--batch_size", "2",
+          "--max_new_tokens", str(NEW_TOKENS), "--max_tiles", "1", *extra]
+
+
+def _predictions(folder):
+  return sorted((folder / "predictions.jsonl").read_text().splitlines())
+
+
+def test_evaluate_on_a_mesh_writes_the_unsharded_report(lora_workdir, bench, one_device_eval, tmp_path):
+  out = tmp_path / "mesh" / "report.json"
+  assert evaluate_cli.main(_argv(lora_workdir, bench, out, "--mesh", "data=2,fsdp=2,tensor=2")) == 0
   report = json.loads(out.read_text())
-  assert {k: report[k] for k in expected} == expected
-  predictions = lambda d: sorted((d / "predictions.jsonl").read_text().splitlines())
-  assert predictions(out.parent) == predictions(tmp_path / "one")
+  assert {k: report[k] for k in one_device_eval[1]} == one_device_eval[1]
+  assert _predictions(out.parent) == _predictions(one_device_eval[0])
+
+
+def test_two_processes_resume_and_write_the_one_report(lora_workdir, bench, one_device_eval, tmp_path):
+  """Process 0 already holds two answers; the two processes share the other three (2 + 1 of them in
+  the first global batch of 4, one alone in the last) and only process 0 writes."""
+  out = tmp_path / "two" / "report.json"
+  out.parent.mkdir()
+  (out.parent / "predictions.jsonl").write_text("\n".join(_predictions(one_device_eval[0])[:2]) + "\n")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "facellm_jax.evaluate", *_argv(lora_workdir, bench, out, "--mesh", "data=2"),
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert "report:" in logs[0] and "report:" not in logs[1]
+  report = json.loads(out.read_text())
+  assert {k: report[k] for k in one_device_eval[1]} == one_device_eval[1]
+  assert _predictions(out.parent) == _predictions(one_device_eval[0])
 
 
 @pytest.mark.parametrize("mesh, expected", [
@@ -116,8 +163,7 @@ def test_evaluate_on_a_mesh_writes_the_unsharded_report(lora_workdir, tmp_path):
     ("data=2,tensor=4", "tensor=4 does not divide the model's 4 query / 2 kv heads"),
     ("data=2,pipeline=4", "expected comma-separated AXIS=SIZE"),
 ])
-def test_bad_mesh_is_a_one_line_error(lora_workdir, tmp_path, capsys, mesh, expected):
-  bench = write_benchmark(tmp_path / "bench")
+def test_bad_mesh_is_a_one_line_error(lora_workdir, bench, tmp_path, capsys, mesh, expected):
   argv = ["--workdir", str(lora_workdir), "--facexbench", str(bench), "--out", str(tmp_path / "out/r.json"),
           "--mesh", mesh]
   try:
