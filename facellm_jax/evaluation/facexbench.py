@@ -205,7 +205,7 @@ def extract_answer(text: str, options: Sequence[str]) -> str | None:
 
 
 def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: str | os.PathLike,
-             batch_size: int = 8, prepend: bool = False, *, write: bool = True) -> dict:
+             batch_size: int = 8, prepend: bool = False, *, write: bool = True, by_length: bool = True) -> dict:
   """Runs `generate_fn` over the questions not yet answered in `out_dir`, then scores all.
 
   `out_dir` (a folder or a `gs://` URL) gets `predictions.jsonl`, one line per answered question,
@@ -214,8 +214,11 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
   aggregate_results.py re-extracts from saved outputs) and written to `out_dir/report.json`.
   Accuracies are fractions in [0, 1] (the paper prints percentages).
 
-  `write=False` (the other processes of a multi-host run) answers every question given, in the
-  same batches, and touches nothing; it returns {}.
+  `by_length` answers the pending questions shortest prompt first (images, then characters), so
+  each batch holds prompts of about one length: less padding, and fewer distinct shapes to
+  compile; predictions.jsonl then lists them in that order. `write=False` (the other processes
+  of a multi-host run) answers every question given, in the same batches, and touches nothing;
+  it returns {}.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -228,6 +231,8 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
   predictions = paths.RecordFile(out_dir / "predictions.jsonl") if write else None
   done = _answered(predictions) if write else {}
   pending = [q for q in questions if q.qid not in done]
+  if by_length:
+    pending.sort(key=lambda q: (len(q.image_paths), len(build_prompt(q, prepend))))
   with tqdm(total=len(questions), initial=len(questions) - len(pending), desc="FaceXBench", unit="q",
             disable=not write) as bar:
     for start in range(0, len(pending), batch_size):
