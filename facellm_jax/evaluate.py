@@ -26,6 +26,10 @@ split over data x fsdp. Several processes (one per host, started like multi-host
 `--batch_size` questions of every global batch on their own replica, and process 0 writes the
 one report (`inference/hosts.py`); a rerun resumes from process 0's predictions.
 
+`--compile_only --config=configs/internvl3_38b.py --topology=v5p-8 [--batch_size 16] [--cache_len
+4096]` compiles the prefill and decode steps for a TPU slice instead and prints their bytes per
+chip as one JSON line (`inference/compile_only.py`).
+
 `--workdir` and `--out` may be `gs://` URLs (the benchmark and the labels are local files). Bad
 input (a folder with no JSON, a missing image, a workdir without a checkpoint, a `--step` it does
 not have, an `--out` that cannot be written, ...) is a one-line error and exit code 2, found
@@ -44,7 +48,7 @@ import jax
 
 from facellm_jax import paths
 from facellm_jax.evaluation import facexbench, fairness
-from facellm_jax.inference import answer, hosts, load
+from facellm_jax.inference import answer, compile_only, hosts, load
 
 RUN_FILE = "evaluation_run.json"
 # vlmeval/vlm/facellm.py: generate(max_tokens=2048) through AutoProcessor (InternVLProcessor's
@@ -183,8 +187,37 @@ def _summary(report: dict) -> str:
   return "\n".join(lines)
 
 
+def _compile_only_parser() -> load.ArgumentParser:
+  parser = load.ArgumentParser(prog="python -m facellm_jax.evaluate --compile_only",
+                               description=compile_only.__doc__.split("\n\n")[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", help="training config file[:arg] whose model block is the architecture")
+  source.add_argument("--hf", help="local HF InternVL directory (its config.json only)")
+  parser.add_argument("--mesh", type=load._mesh_arg, default=None,  # pylint: disable=protected-access
+                      help="mesh over the slice's chips (default: as evaluate picks it)")
+  parser.add_argument("--dtype", choices=sorted(load.DTYPES), default="bfloat16", help="params and compute dtype")
+  parser.add_argument("--batch_size", type=int, default=16, help="questions per generation call")
+  parser.add_argument("--max_tiles", type=int, default=1, help="448 px tiles per question")
+  compile_only.add_args(parser)
+  return parser
+
+
+def _compile_only(argv: list[str]) -> int:
+  args = _compile_only_parser().parse_args(argv)
+  try:
+    report = compile_only.run(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+  except (OSError, ValueError) as e:
+    print(f"error: {paths.one_line(e)}", file=sys.stderr)
+    return 2
+  print(json.dumps(report))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  if "--compile_only" in argv:
+    return _compile_only(argv)
+  args = _parser().parse_args(argv)
   try:
     hosts.initialize(args)
     report = run(args)

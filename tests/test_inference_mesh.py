@@ -1,5 +1,6 @@
 """Inference on a device mesh: same tokens as one device, weights and KV cache really sharded, one-line errors."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -173,3 +174,30 @@ def test_bad_mesh_is_a_one_line_error(lora_workdir, bench, tmp_path, capsys, mes
   err = capsys.readouterr().err
   assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / "out").exists()
+
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is in the test extra")
+
+
+@needs_libtpu
+def test_compile_only_reports_prefill_and_decode_bytes_per_chip(capsys):
+  argv = ["--compile_only", f"--config={ROOT / 'configs/tiny.py'}", "--topology=v5p-8", "--batch_size=4",
+          "--cache_len=256"]
+  assert evaluate_cli.main(argv) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["chips"] == 4 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert (report["rows_per_chip"], report["prompt_len"], report["cache_len"]) == (2, 192, 256)
+  for step in ("prefill", "decode"):
+    b = report[step]["bytes_per_chip"]
+    assert report[step]["fits"] and b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"]
+  # The decode step holds this chip's cache: 4 layers x k and v x 2 rows x 256 slots x 1 kv head x 32 x bf16.
+  assert report["decode"]["bytes_per_chip"]["arguments"] >= 4 * 2 * 2 * 256 * 1 * 32 * 2
+  assert report["fits"]
+
+
+@needs_libtpu
+def test_compile_only_with_a_bad_mesh_is_a_one_line_error(capsys):
+  argv = ["--compile_only", f"--config={ROOT / 'configs/tiny.py'}", "--topology=v5p-8", "--mesh", "tensor=4"]
+  assert evaluate_cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "tensor=4 does not divide" in err and len(err.strip().splitlines()) == 1

@@ -32,7 +32,11 @@ IMAGE_MARKER = template.IMAGE_MARKER
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """How to answer: generation length and sampling (greedy by default), tiling, system prompt."""
+  """How to answer: generation length and sampling (greedy by default), tiling, system prompt.
+
+  `decode_stage`: new tokens the KV cache first has room for (`Generator`'s `stage`; None = all
+  `max_new_tokens` at once). The answers are the same either way.
+  """
   max_new_tokens: int = 64
   temperature: float = 0.0
   top_p: float = 1.0
@@ -40,6 +44,7 @@ class Settings:
   seed: int = 0
   max_tiles: int = 1
   system_prompt: str | None = None
+  decode_stage: int | None = 32
 
 
 # model -> {(settings that shape the Generator) -> Generator}; entries go with their model.
@@ -54,12 +59,12 @@ def eos_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 def generator(model: FaceLLM, tokenizer: Tokenizer, settings: Settings) -> Generator:
   """The cached `Generator` of `model` for these settings."""
   key = (settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k,
-         eos_ids(tokenizer), tokenizer.pad_id)
+         eos_ids(tokenizer), tokenizer.pad_id, settings.decode_stage)
   per_model = _GENERATORS.setdefault(model, {})
   if key not in per_model:
     per_model[key] = Generator(model, max_new_tokens=settings.max_new_tokens, eos_ids=key[4],
                                pad_id=tokenizer.pad_id, temperature=settings.temperature,
-                               top_p=settings.top_p, top_k=settings.top_k)
+                               top_p=settings.top_p, top_k=settings.top_k, stage=settings.decode_stage)
   return per_model[key]
 
 

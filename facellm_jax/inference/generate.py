@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from facellm_jax.inference.sampling import Sampling, sample
+from facellm_jax.models.config import FaceLLMConfig
 from facellm_jax.models.facellm import FaceLLM
 from facellm_jax.models.language import LayerCache
 
@@ -46,7 +47,6 @@ class Layout:
   """Where a batch lives on the model's mesh (a jit static argument, hence frozen and hashable)."""
   rows: NamedSharding  # [B, ...] over data x fsdp
   cache: NamedSharding  # [B, S, K, H]: rows over data x fsdp, kv heads over tensor
-  replicated: NamedSharding
 
   @property
   def row_multiple(self) -> int:
@@ -54,18 +54,17 @@ class Layout:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
   @classmethod
-  def of(cls, model: FaceLLM, state: nnx.State) -> Layout | None:
-    """The layout of the mesh the model's `state` sits on; None on a single device."""
+  def of(cls, config: FaceLLMConfig, state: nnx.State) -> Layout | None:
+    """The layout of the mesh a model's `state` (arrays or ShapeDtypeStructs) sits on; None on one device."""
     for leaf in jax.tree.leaves(state):
       if isinstance(getattr(leaf, "sharding", None), NamedSharding):
         mesh = leaf.sharding.mesh
         if mesh.size == 1:
           return None
-        kv = model.config.text.num_key_value_heads
+        kv = config.text.num_key_value_heads
         heads = "tensor" if kv % mesh.shape["tensor"] == 0 else None
         rows = ("data", "fsdp")
-        return cls(NamedSharding(mesh, P(rows)), NamedSharding(mesh, P(rows, None, heads, None)),
-                   NamedSharding(mesh, P()))
+        return cls(NamedSharding(mesh, P(rows)), NamedSharding(mesh, P(rows, None, heads, None)))
     return None
 
 
@@ -234,7 +233,7 @@ class Generator:
 
   def _prefill(self, prompts, pixel_values, new_tokens: int, batch: int | None = None):
     graphdef, state = nnx.split(self.model)
-    layout = Layout.of(self.model, state)
+    layout = Layout.of(self.model.config, state)
     multiple = 1 if layout is None else layout.row_multiple
     rows = _round_up(max(len(prompts), batch or 0), multiple)
     if pixel_values is not None:
