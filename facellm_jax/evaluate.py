@@ -193,7 +193,7 @@ def _compile_only_parser() -> load.ArgumentParser:
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--config", help="training config file[:arg] whose model block is the architecture")
   source.add_argument("--hf", help="local HF InternVL directory (its config.json only)")
-  parser.add_argument("--mesh", type=load._mesh_arg, default=None,  # pylint: disable=protected-access
+  parser.add_argument("--mesh", type=load.mesh_arg, default=None,
                       help="mesh over the slice's chips (default: as evaluate picks it)")
   parser.add_argument("--dtype", choices=sorted(load.DTYPES), default="bfloat16", help="params and compute dtype")
   parser.add_argument("--batch_size", type=int, default=16, help="questions per generation call")

@@ -76,7 +76,7 @@ def test_greedy_tokens_and_shards_on_a_mesh(hf_dir, one_device_tokens, shape):
   assert _shard(attn.o_proj.kernel[...]) == (64 // tensor, 64)
   assert _shard(loaded.model.language.lm_head[...]) == (64, 128 // tensor)
   generator = Generator(loaded.model, max_new_tokens=NEW, eos_ids=EOS, pad_id=0)
-  cache = generator._prefill(*_prompts())[3]  # pylint: disable=protected-access
+  cache = generator._prefill(*_prompts(), NEW)[3]  # pylint: disable=protected-access
   rows = 4 if data == 2 else 3  # 3 prompts, topped up to a multiple of data
   assert cache[0].k.shape == (rows, 128, 4, 16)  # 64-token prompt bucket + 7 new, rounded to 64
   assert _shard(cache[0].k) == (rows // data, 128, 4 // tensor, 16)

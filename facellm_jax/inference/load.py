@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def parse_mesh(text: str) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in text.split(","))):
     axis, eq, size = part.partition("=")
     axis = axis.strip()
-    if not eq or axis not in sharding.MESH_AXES or not size.strip().lstrip("-").isdigit() or axis in shape:
+    if not eq or axis not in sharding.MESH_AXES or not re.fullmatch(r"-?[0-9]+", size.strip()) or axis in shape:
       raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in "
                        f"{'/'.join(sharding.MESH_AXES)} at most once each, e.g. data=2,tensor=4")
     shape[axis] = int(size)
@@ -91,10 +92,6 @@ def inference_mesh(config: config_lib.FaceLLMConfig, shape: Mapping[str, int] | 
         f"{text.num_key_value_heads} kv heads; pick a tensor size that divides both "
         f"(default here: {default_mesh_shape(config, len(devices))})")
   return mesh
-
-
-def mesh_description(mesh: jax.sharding.Mesh) -> str:
-  return ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())
 
 
 def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -334,7 +331,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, hf: bool = True) -> None:
   parser.add_argument("--config", help="the run's training config file[:arg] (default: WORKDIR/config.json)")
   parser.add_argument("--step", type=int, help="checkpoint step to load (default: the latest complete one)")
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params and compute dtype")
-  parser.add_argument("--mesh", type=_mesh_arg, default=None,
+  parser.add_argument("--mesh", type=mesh_arg, default=None,
                       help="device mesh of this process, e.g. data=2,tensor=4 (axes left out are 1, one may be "
                            "-1 = the rest; default: every local device, tensor parallel as wide as the heads "
                            "divide, data parallel over the rest)")
@@ -353,7 +350,8 @@ def load_model(args: argparse.Namespace, *, merge_lora: bool = True) -> Loaded:
                          merge_lora=merge_lora, step=args.step, mesh=args.mesh)
 
 
-def _mesh_arg(text: str) -> dict[str, int]:
+def mesh_arg(text: str) -> dict[str, int]:
+  """argparse type of `--mesh`: `parse_mesh` with argparse's one-line usage error."""
   try:
     return parse_mesh(text)
   except ValueError as e:
