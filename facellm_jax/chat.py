@@ -8,7 +8,9 @@ loop: type a question, `/image PATH [PATH ...]` to change the images (no path: n
 `input/face_crop.py`), for photos that are not already face crops. Greedy decoding unless
 `--temperature` > 0. The defaults are the reference's `inference.py` (idiap/facellm): the HF
 processor's dynamic tiling (up to 12 tiles + a thumbnail), up to 500 new tokens, no system
-message; `--fast` is one tile and 256 tokens.
+message; `--fast` is one tile and 256 tokens. `--mesh data=D,fsdp=F,tensor=T` places the model on
+this machine's devices (default: all, tensor parallel as wide as the heads divide; see
+`inference/load.py`), so a model larger than one chip answers too.
 """
 
 from __future__ import annotations

@@ -19,6 +19,17 @@ InternVL-hf chat template adds none). `--fast` is one tile per image and 32 new 
 for an option letter); an explicit `--max_tiles` / `--max_new_tokens` overrides either. The
 report records the settings used and which preset they came from.
 
+The model runs on `--mesh data=D,fsdp=F,tensor=T` (default: every local device, tensor parallel
+as wide as the heads divide, data over the rest; see `inference/load.py`); `--batch_size` rows
+split over data x fsdp. Several processes (one per host, started like multi-host training with
+`--coordinator_address/--num_processes/--process_id` or `--distributed`) each answer their own
+`--batch_size` questions of every global batch on their own replica, and process 0 writes the
+one report (`inference/hosts.py`); a rerun resumes from process 0's predictions.
+
+`--compile_only --config=configs/internvl3_38b.py --topology=v5p-8 [--batch_size 16] [--cache_len
+4096]` compiles the prefill and decode steps for a TPU slice instead and prints their bytes per
+chip as one JSON line (`inference/compile_only.py`).
+
 `--workdir` and `--out` may be `gs://` URLs (the benchmark and the labels are local files). Bad
 input (a folder with no JSON, a missing image, a workdir without a checkpoint, a `--step` it does
 not have, an `--out` that cannot be written, ...) is a one-line error and exit code 2, found
@@ -33,9 +44,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
+
 from facellm_jax import paths
 from facellm_jax.evaluation import facexbench, fairness
-from facellm_jax.inference import answer, load
+from facellm_jax.inference import answer, compile_only, hosts, load
 
 RUN_FILE = "evaluation_run.json"
 # vlmeval/vlm/facellm.py: generate(max_tokens=2048) through AutoProcessor (InternVLProcessor's
@@ -61,6 +74,7 @@ def _parser() -> load.ArgumentParser:
                       help="one tile per image and short answers instead of the reference's settings")
   parser.add_argument("--system_prompt", default=None, help="system message before each question (default: none)")
   parser.add_argument("--fairness_labels", help="FairFace-format labels.csv of the benchmark's face images")
+  hosts.add_args(parser)
   return parser
 
 
@@ -112,22 +126,30 @@ def run(args) -> dict:
   run_info = {"model": model_id, "facexbench": str(Path(args.facexbench).resolve()),
               "prepend_text": args.prepend_text, "max_new_tokens": args.max_new_tokens,
               "max_tiles": args.max_tiles, "system_prompt": args.system_prompt, "dtype": args.dtype}
-  _check_run(out_dir, run_info)
+  writer = hosts.is_writer()
+  if writer:
+    _check_run(out_dir, run_info)
   generate_fn = None
-  answered = facexbench.answered(out_dir)
-  if any(q.qid not in answered for q in questions):  # a finished run needs no model
+  answered = facexbench.answered(out_dir) if writer else {}
+  pending = hosts.broadcast_mask([q.qid not in answered for q in questions])  # process 0's view
+  if pending.any():  # a finished run needs no model
     loaded = load.load_model(args)
     if args.workdir and loaded.step != model_id["step"]:  # a damaged newest step (or a newer save) was met
       model_id["step"] = loaded.step
-      _check_run(out_dir, run_info)
-    generate_fn = answer.make_generate_fn(loaded.model, loaded.config, loaded.tokenizer,
-                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                          max_tiles=args.max_tiles, system_prompt=args.system_prompt)
+      if writer:
+        _check_run(out_dir, run_info)
+    generate_fn = hosts.sliced(answer.make_generate_fn(
+        loaded.model, loaded.config, loaded.tokenizer, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, max_tiles=args.max_tiles, system_prompt=args.system_prompt), args.batch_size)
+  batch_size = args.batch_size * jax.process_count()  # each process answers its batch_size of every batch
+  if not writer:
+    facexbench.evaluate([q for q, p in zip(questions, pending) if p], generate_fn, out_dir,
+                        batch_size=batch_size, prepend=args.prepend_text, write=False)
+    return {}
   paths.makedirs(out_dir)
   paths.write_json(out_dir / RUN_FILE, run_info)
 
-  report = facexbench.evaluate(questions, generate_fn, out_dir, batch_size=args.batch_size,
-                               prepend=args.prepend_text)
+  report = facexbench.evaluate(questions, generate_fn, out_dir, batch_size=batch_size, prepend=args.prepend_text)
   report.update(run_info, preset="fast" if args.fast else "reference")
   paths.write_json(out, report)
   if out.name != "report.json":  # `evaluate` always writes one there; --out is the report.
@@ -165,15 +187,46 @@ def _summary(report: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+def _compile_only_parser() -> load.ArgumentParser:
+  parser = load.ArgumentParser(prog="python -m facellm_jax.evaluate --compile_only",
+                               description=compile_only.__doc__.split("\n\n")[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", help="training config file[:arg] whose model block is the architecture")
+  source.add_argument("--hf", help="local HF InternVL directory (its config.json only)")
+  parser.add_argument("--mesh", type=load.mesh_arg, default=None,
+                      help="mesh over the slice's chips (default: as evaluate picks it)")
+  parser.add_argument("--dtype", choices=sorted(load.DTYPES), default="bfloat16", help="params and compute dtype")
+  parser.add_argument("--batch_size", type=int, default=16, help="questions per generation call")
+  parser.add_argument("--max_tiles", type=int, default=1, help="448 px tiles per question")
+  compile_only.add_args(parser)
+  return parser
+
+
+def _compile_only(argv: list[str]) -> int:
+  args = _compile_only_parser().parse_args(argv)
   try:
+    report = compile_only.run(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+  except (OSError, ValueError) as e:
+    print(f"error: {paths.one_line(e)}", file=sys.stderr)
+    return 2
+  print(json.dumps(report))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if "--compile_only" in argv:
+    return _compile_only(argv)
+  args = _parser().parse_args(argv)
+  try:
+    hosts.initialize(args)
     report = run(args)
   except (OSError, ValueError) as e:
     print(f"error: {paths.one_line(e)}", file=sys.stderr)
     return 2
-  print(_summary(report))
-  print(f"report: {args.out}")
+  if report:  # process 0's
+    print(_summary(report))
+    print(f"report: {args.out}")
   return 0
 
 

@@ -11,7 +11,8 @@ weights first, so both outputs are plain InternVL3 weights:
   model's config.json and tokenizer beside it, for JAX serving without the training workdir:
   `model, config, tokenizer = facellm_jax.export.restore_orbax(DIR2)`.
 
-`--workdir`, `--out` and `--orbax` may be `gs://` URLs. Both outputs are checked (a new or empty
+The model loads on `--mesh` (as `evaluate` and `chat` do: default every local device), so a
+model too large for one chip exports too. `--workdir`, `--out` and `--orbax` may be `gs://` URLs. Both outputs are checked (a new or empty
 folder we may write) before the model loads, and each is written into a local stage that becomes
 the output only when complete (`paths.staged_dir`), so a failed export leaves no half folder and
 the same command can simply be run again.
@@ -36,6 +37,7 @@ from facellm_jax.inference import answer, load
 from facellm_jax.input import image as image_lib
 from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.models import config as config_lib
+from facellm_jax.models import sharding
 from facellm_jax.models.facellm import FaceLLM
 
 # What a HF tokenizer directory may hold; those present are copied as they are.
@@ -100,9 +102,11 @@ def save_orbax(model: FaceLLM, config: config_lib.FaceLLMConfig, tokenizer_sourc
   return out
 
 
-def restore_orbax(path: str | os.PathLike, dtype=None) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
+def restore_orbax(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | dict | str | None = None
+                  ) -> tuple[FaceLLM, config_lib.FaceLLMConfig, tok_lib.Tokenizer]:
   """(model, config, tokenizer) from a `--orbax` export (local or `gs://`), params restored
-  straight into `dtype` (default: as exported) on the default device."""
+  straight into `dtype` (default: as exported) and into their shardings on `mesh` (a Mesh or
+  its shape, default `load.inference_mesh`'s): each device reads only its own slices."""
   path = paths.path(path)
   if not (path / "params").is_dir() or not (path / "config.json").exists():
     raise FileNotFoundError(f"{path} is not an Orbax export: params/ or config.json is missing (write one with "
@@ -112,8 +116,9 @@ def restore_orbax(path: str | os.PathLike, dtype=None) -> tuple[FaceLLM, config_
   if dtype is None:
     dtype = jnp.bfloat16 if hf_config.get("torch_dtype") == "bfloat16" else jnp.float32
   graphdef, abstract = nnx.split(hf.abstract_model(config, dtype, dtype))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
+  mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else load.inference_mesh(config, mesh)
+  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nnx.to_pure_dict(abstract),
+                        nnx.to_pure_dict(sharding.state_shardings(abstract, mesh)))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(path / "params", target)
   nnx.replace_by_pure_dict(abstract, params)

@@ -22,6 +22,7 @@ COMMANDS = {
     "input_pipeline": ["benchmarks/input_pipeline.py", "--smoke"],
     "generation_throughput": ["benchmarks/generation_throughput.py", "--requests", "6", "--concurrency", "3",
                               "--latency", "0.05"],
+    "facexbench_throughput": ["benchmarks/facexbench_throughput.py", "--smoke", "--preset", "fast"],
 }
 
 
@@ -122,3 +123,11 @@ def test_flops_count_causal_attention_as_half():
   # InternVL3-1B's LLM is Qwen2.5-0.5B: 494 M parameters, its tied embedding being our LM head's
   # matmul (norms and biases are 0.01%); full fine-tuning costs 6 FLOPs per weight and token.
   assert (one - attn) / 2048 == pytest.approx(6 * 494e6, rel=0.005)
+
+
+def test_facexbench_throughput_answers_alike_before_and_after(reports):
+  r = _last_json(reports, "facexbench_throughput")
+  assert r["questions"] == 16 and r["max_new_tokens"] == 32
+  assert r["predictions_equal"] is True  # batching by length and the staged cache change no answer
+  assert r["before_qps"] > 0 and r["after_qps"] > 0
+  assert r["speedup"] == pytest.approx(r["after_qps"] / r["before_qps"], rel=0.02)

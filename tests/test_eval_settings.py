@@ -37,8 +37,8 @@ class _Spy:
                        "system": [self._tok.decode(p[:16]).startswith("<|im_start|>system") for p in prompts],
                        "lengths": lengths})
 
-  def __call__(self, prompts, pixels, seed=0):
-    out = self._gen(prompts, pixels, seed=seed)
+  def __call__(self, prompts, pixels, seed=0, batch=None):
+    out = self._gen(prompts, pixels, seed=seed, batch=batch)
     ends = [np.isin(row, self._eos) for row in out]
     self._record(prompts, pixels, [int(np.argmax(e)) + 1 if e.any() else len(e) for e in ends])
     return out
@@ -68,8 +68,8 @@ def test_evaluate_defaults_tile_and_allow_long_answers_and_fast_does_not(lora_wo
   report = _evaluate(lora_workdir, synth_bench, tmp_path / "reference" / "report.json")
   assert (report["max_tiles"], report["max_new_tokens"], report["system_prompt"], report["preset"]) == (
       12, 2048, None, "reference")
-  [call] = calls  # 7 questions + 1 copy in one batch of 8
-  assert call["image_tokens"] == [5 * per_tile] * 8 and call["tiles"] == 5 * 8  # 2 x 2 tiles + thumbnail
+  [call] = calls  # 7 questions in one batch of 8 (the Generator adds a dummy row)
+  assert call["image_tokens"] == [5 * per_tile] * 7 and call["tiles"] == 5 * 7  # 2 x 2 tiles + thumbnail
   assert call["max_new_tokens"] == 2048 and not any(call["system"])
   assert max(call["lengths"]) > 32  # the tiny model rambles on: the long limit is really used
 
@@ -77,7 +77,7 @@ def test_evaluate_defaults_tile_and_allow_long_answers_and_fast_does_not(lora_wo
   fast = _evaluate(lora_workdir, synth_bench, tmp_path / "fast" / "report.json", "--fast")
   assert (fast["max_tiles"], fast["max_new_tokens"], fast["preset"]) == (1, 32, "fast")
   [call] = calls
-  assert call["image_tokens"] == [per_tile] * 8 and call["tiles"] == 8
+  assert call["image_tokens"] == [per_tile] * 7 and call["tiles"] == 7
   assert call["max_new_tokens"] == 32 and max(call["lengths"]) <= 32
 
 
@@ -86,7 +86,7 @@ def test_explicit_flags_override_either_preset(lora_workdir, synth_bench, tmp_pa
                      "--max_new_tokens", "3", "--system_prompt", "Answer briefly.")
   assert (report["max_tiles"], report["max_new_tokens"], report["system_prompt"]) == (4, 3, "Answer briefly.")
   [call] = calls
-  assert call["image_tokens"] == [5 * 16] * 8 and call["max_new_tokens"] == 3 and all(call["system"])
+  assert call["image_tokens"] == [5 * 16] * 7 and call["max_new_tokens"] == 3 and all(call["system"])
 
 
 def test_chat_defaults_are_the_reference_inference_script(lora_workdir, synth_bench, calls, capsys):

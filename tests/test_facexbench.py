@@ -291,3 +291,13 @@ def test_malformed_entry_names_file_and_question(tmp_path):
   path.write_text("{not json")
   with pytest.raises(ValueError, match=r"celeba_single_mcq\.json: not valid JSON"):
     facexbench.load_benchmark(tmp_path)
+
+
+def test_pending_questions_go_shortest_prompt_first_unless_asked_otherwise(questions, tmp_path):
+  size = {q.qid: (len(q.image_paths), len(facexbench.build_prompt(q))) for q in questions}
+  model = ScriptedModel()
+  assert facexbench.evaluate(questions, model, tmp_path / "sorted", batch_size=4) == EXPECTED_REPORT
+  assert [size[qid] for qid in model.seen] == sorted(size.values()) != [size[q.qid] for q in questions]
+  in_order = ScriptedModel()
+  assert facexbench.evaluate(questions, in_order, tmp_path / "given", batch_size=4, by_length=False) == EXPECTED_REPORT
+  assert in_order.seen == [q.qid for q in questions]

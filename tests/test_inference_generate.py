@@ -133,3 +133,10 @@ def test_prompt_longer_than_the_cache_is_rejected(model):
   gen = Generator(model, max_new_tokens=8, eos_ids=EOS, cache_len=16)
   with pytest.raises(ValueError, match="prompt of 10 tokens .* cache_len=16"):
     gen([[1] * 10])
+
+
+def test_staged_decode_gives_the_one_stage_tokens(model, greedy):
+  """Stages of 1, 4 and 16 tokens in 4-slot cache buckets (the cache grows between them): the same tokens."""
+  image_prompts, pixels, _ = _prompts()
+  staged = Generator(model, max_new_tokens=NEW, eos_ids=EOS, pad_id=PAD, bucket=4, stage=1)
+  assert staged(image_prompts, pixels) == greedy(image_prompts, pixels)

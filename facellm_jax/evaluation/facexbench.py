@@ -205,7 +205,7 @@ def extract_answer(text: str, options: Sequence[str]) -> str | None:
 
 
 def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: str | os.PathLike,
-             batch_size: int = 8, prepend: bool = False) -> dict:
+             batch_size: int = 8, prepend: bool = False, *, write: bool = True, by_length: bool = True) -> dict:
   """Runs `generate_fn` over the questions not yet answered in `out_dir`, then scores all.
 
   `out_dir` (a folder or a `gs://` URL) gets `predictions.jsonl`, one line per answered question,
@@ -213,6 +213,12 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
   run resumes where it stopped. The report is recomputed from the stored prediction texts (as
   aggregate_results.py re-extracts from saved outputs) and written to `out_dir/report.json`.
   Accuracies are fractions in [0, 1] (the paper prints percentages).
+
+  `by_length` answers the pending questions shortest prompt first (images, then characters), so
+  each batch holds prompts of about one length: less padding, and fewer distinct shapes to
+  compile; predictions.jsonl then lists them in that order. `write=False` (the other processes
+  of a multi-host run) answers every question given, in the same batches, and touches nothing;
+  it returns {}.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -221,11 +227,14 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
     if q.qid in seen:
       raise ValueError(f"Question id {q.qid!r} appears twice; ids must be unique.")
     seen.add(q.qid)
-  out_dir = paths.makedirs(out_dir)
-  predictions = paths.RecordFile(out_dir / "predictions.jsonl")
-  done = _answered(predictions)
+  out_dir = paths.makedirs(out_dir) if write else paths.path(out_dir)
+  predictions = paths.RecordFile(out_dir / "predictions.jsonl") if write else None
+  done = _answered(predictions) if write else {}
   pending = [q for q in questions if q.qid not in done]
-  with tqdm(total=len(questions), initial=len(questions) - len(pending), desc="FaceXBench", unit="q") as bar:
+  if by_length:
+    pending.sort(key=lambda q: (len(q.image_paths), len(build_prompt(q, prepend))))
+  with tqdm(total=len(questions), initial=len(questions) - len(pending), desc="FaceXBench", unit="q",
+            disable=not write) as bar:
     for start in range(0, len(pending), batch_size):
       batch = pending[start:start + batch_size]
       prompts = [EvalPrompt(q.qid, build_prompt(q, prepend), q.image_paths) for q in batch]
@@ -234,9 +243,12 @@ def evaluate(questions: Sequence[Question], generate_fn: GenerateFn, out_dir: st
         raise ValueError(f"generate_fn returned {len(outputs)} answers for a batch of "
                          f"{len(batch)} prompts; it must return one string per prompt.")
       records = [_record(q, output) for q, output in zip(batch, outputs)]
-      predictions.append(records)
+      if write:
+        predictions.append(records)
       done.update((r["qid"], r) for r in records)
       bar.update(len(batch))
+  if not write:
+    return {}
   report = score(questions, done)
   report["prepend_text"] = prepend
   paths.write_json(out_dir / "report.json", report)

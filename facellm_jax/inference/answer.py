@@ -32,7 +32,11 @@ IMAGE_MARKER = template.IMAGE_MARKER
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """How to answer: generation length and sampling (greedy by default), tiling, system prompt."""
+  """How to answer: generation length and sampling (greedy by default), tiling, system prompt.
+
+  `decode_stage`: new tokens the KV cache first has room for (`Generator`'s `stage`; None = all
+  `max_new_tokens` at once). The answers are the same either way.
+  """
   max_new_tokens: int = 64
   temperature: float = 0.0
   top_p: float = 1.0
@@ -40,6 +44,7 @@ class Settings:
   seed: int = 0
   max_tiles: int = 1
   system_prompt: str | None = None
+  decode_stage: int | None = 32
 
 
 # model -> {(settings that shape the Generator) -> Generator}; entries go with their model.
@@ -54,12 +59,12 @@ def eos_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 def generator(model: FaceLLM, tokenizer: Tokenizer, settings: Settings) -> Generator:
   """The cached `Generator` of `model` for these settings."""
   key = (settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k,
-         eos_ids(tokenizer), tokenizer.pad_id)
+         eos_ids(tokenizer), tokenizer.pad_id, settings.decode_stage)
   per_model = _GENERATORS.setdefault(model, {})
   if key not in per_model:
     per_model[key] = Generator(model, max_new_tokens=settings.max_new_tokens, eos_ids=key[4],
                                pad_id=tokenizer.pad_id, temperature=settings.temperature,
-                               top_p=settings.top_p, top_k=settings.top_k)
+                               top_p=settings.top_p, top_k=settings.top_k, stage=settings.decode_stage)
   return per_model[key]
 
 
@@ -92,8 +97,8 @@ def prepare(config: FaceLLMConfig, tokenizer: Tokenizer, text: str, images: Sequ
   return ids, (np.concatenate(pixels) if pixels else None)
 
 
-def _generate_batch(model, config, tokenizer, items, settings: Settings) -> list[str]:
-  """One generator call for [(text, images)]; pixels concatenated in row order."""
+def _generate_batch(model, config, tokenizer, items, settings: Settings, batch: int | None = None) -> list[str]:
+  """One generator call for [(text, images)], topped up to `batch` rows; pixels concatenated in row order."""
   prompts, pixels = [], []
   for text, images in items:
     ids, pv = prepare(config, tokenizer, text, images, max_tiles=settings.max_tiles,
@@ -102,7 +107,7 @@ def _generate_batch(model, config, tokenizer, items, settings: Settings) -> list
     if pv is not None:
       pixels.append(pv)
   out = generator(model, tokenizer, settings)(prompts, np.concatenate(pixels) if pixels else None,
-                                               seed=settings.seed)
+                                               seed=settings.seed, batch=batch)
   return [tokenizer.decode(row, skip_special_tokens=True) for row in out]
 
 
@@ -138,8 +143,8 @@ def make_generate_fn(model: FaceLLM, config: FaceLLMConfig, tokenizer: Tokenizer
                      batch_size: int = 8, **settings) -> facexbench.GenerateFn:
   """A `facexbench.evaluate` generate_fn: prompts in chunks of `batch_size`, greedy by default.
 
-  A short last chunk is filled up with copies of its last prompt (answers dropped), so every
-  call has the same batch shape and the compiled code is reused.
+  A short last chunk is topped up with dummy rows (done from the start), so every call has the
+  same batch shape and the compiled code is reused.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,9 +154,7 @@ def make_generate_fn(model: FaceLLM, config: FaceLLMConfig, tokenizer: Tokenizer
     answers = []
     for start in range(0, len(prompts), batch_size):
       chunk = [(p.text, p.image_paths) for p in prompts[start:start + batch_size]]
-      real = len(chunk)
-      chunk += [chunk[-1]] * (batch_size - real)
-      answers += _generate_batch(model, config, tokenizer, chunk, s)[:real]
+      answers += _generate_batch(model, config, tokenizer, chunk, s, batch=batch_size)
     return answers
 
   return generate_fn
