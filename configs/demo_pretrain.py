@@ -26,5 +26,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.cutoff_len = 64
   cfg.train.num_steps = 1600
   cfg.train.batch_size = 64
-  cfg.checkpoint.every_steps = 200
   return cfg.lock()

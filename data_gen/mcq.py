@@ -4,12 +4,13 @@ A model trained only on free-text descriptions has never seen an option list, so
 evaluation would measure the format, not the face reading. These items teach the format on the *training* faces: the question, its distractors and
 the option order are drawn exactly as `synth.write_benchmark` draws them for the held-out faces,
 and the prompt text is `facexbench.build_prompt`'s own, so a training prompt and a benchmark
-prompt differ only in the face and the draw. The target is the option's text (" Female"), which
-the benchmark's extraction maps to its letter (its last rule: the first option contained in the
-answer; no synthetic option is contained in another's text). A tiny model trained from scratch
-reads the face within the demo's budget but needs far longer to learn the letter lookup: with the
-target "Female (B)", after 1,000 fine-tuning steps the letter was right for only 54% of
-benchmark questions even given the right text (teacher-forced), against 82% for the text.
+prompt differ only in the face and the draw. The target is what that prompt asks for, the option
+letter, followed by the option's text: "(B) Female". The benchmark's extraction takes the leading
+"(B)" (its first rule), so the letter alone is scored. The text after it is a copy of the prompt's
+line "(B) Female" and the letter is not: letter first, the model must look the face's answer up
+in the option list before it writes anything. Measured on the demo benchmark (the numbers in
+benchmarks/README.md): text last, "Female (B)", left the letter right for 54% of questions whose
+text was right after 1,000 fine-tuning steps, where the letter first is learned with the reading.
 
 `python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]` writes a
 TFDS dataset (the `generate` format, attribute `mcq_<task>`) with R items per (face, task) and,
@@ -69,7 +70,7 @@ def make_mcq(task: str, labels: Mapping[str, str], rng: np.random.Generator,
       num_images="single", image_paths=(), question_text=text, options=options, correct=letter,
       answer=answer, prepend_text=prepend, postpend_text=synth._POSTPEND,  # pylint: disable=protected-access
       context=None)
-  return MCQ(task, question, f" {answer}")
+  return MCQ(task, question, f"({letter}) {answer}")
 
 
 def face_mcqs(image_id: str, labels: Mapping[str, str], seed: int, tasks: Sequence[str] = TASKS,

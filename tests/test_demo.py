@@ -3,11 +3,17 @@
 import collections
 import csv
 import json
+import os
+import shutil
+import signal
+import threading
+import time
 
+import numpy as np
 import pytest
 
 from data_gen import cards, fairface, mcq, synth
-from facellm_jax import demo
+from facellm_jax import demo, demo_picture
 from facellm_jax.evaluation import facexbench
 
 SEED = 3
@@ -68,10 +74,12 @@ def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_lab
       assert len(q.options) == 4 and len(set(q.options)) == 4
       truth = _truth(item.task, face.labels, q.answer)
       assert q.options[facexbench.LETTERS.index(q.correct)] == truth == q.answer
-      # The target names the option; the benchmark's extraction (its option-text rule, as no
-      # letter pattern matches) maps it to the right letter, whatever the order and distractors.
-      assert item.target == f" {q.answer}"
+      # The target is the letter the prompt asks for, then the option's text as the prompt
+      # lists it; the benchmark's extraction takes the letter (its first rule, at the start).
+      assert item.target == f"({q.correct}) {q.answer}"
+      assert f"\n{item.target}\n" in item.prompt + "\n"
       assert facexbench.extract_answer(item.target, q.options) == q.correct
+      assert facexbench.extract_answer(item.target[:3], q.options) == q.correct
       letters[q.correct] += 1
   assert set(letters) == set(facexbench.LETTERS)  # options are shuffled
   assert max(letters.values()) < 0.4 * sum(letters.values())
@@ -147,7 +155,7 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   correct = sum(c["correct"] for c in report["per_task_counts"].values())
   assert report["synth_mcq_accuracy"] == pytest.approx(correct / n)
   assert set(report["timings"]) == {"synthesize", "generate", "items", "pretrain", "train",
-                                    "evaluate", "chat", "total"}
+                                    "evaluate", "chat", "picture", "total"}
   assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timings"].values())
   assert report["train"]["steps"] == demo.SMOKE.steps
   assert report["pretrain"]["steps"] == demo.SMOKE.pretrain_steps
@@ -171,6 +179,47 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert train_cfg["model"]["hf_checkpoint"] == str(workdir / "pretrain" / "hf")
   assert (workdir / "pretrain" / "hf" / "model.safetensors").is_file()
   assert train_cfg["tokenizer"]["path"] == str(workdir / "tokenizer")
+  assert train_cfg["checkpoint"]["every_steps"] == demo.SMOKE.steps  # saved at the stage's end only
+
+
+def test_the_demo_trains_letter_answers(smoke):
+  """Every MCQ record the fine-tuning reads answers with the letter the prompt lists the face's
+  answer under (the FaceXBench instruction), and the benchmark's extraction reads that letter."""
+  workdir, _ = smoke
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
+
+  source = pipeline.open_tfds_source(workdir / "data")
+  checked = 0
+  for i in range(len(source)):
+    record = source[i]
+    if not pipeline._text(record["attribute"]).startswith(mcq.ATTRIBUTE_PREFIX):
+      continue
+    prompt, target = pipeline._text(record["question"]), pipeline._text(record["answer"])
+    options = [line[4:] for line in prompt.splitlines() if line[:1] == "(" and line[2:4] == ") "]
+    assert len(options) == 4 and "provide only the correct option letter" in prompt
+    letter, text = target[1], target[4:]
+    assert target == f"({letter}) {text}" and options[facexbench.LETTERS.index(letter)] == text
+    assert facexbench.extract_answer(target, options) == letter
+    checked += 1
+  assert checked == demo.SMOKE.faces * len(mcq.TASKS)
+
+
+def test_the_demo_draws_its_picture(smoke):
+  workdir, _ = smoke
+  report = json.loads((workdir / demo.REPORT_FILE).read_text())
+  assert report["picture"] == str(workdir / demo.PICTURE_FILE)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(report["picture"]) as png:
+    assert png.format == "PNG"
+    # One column per task, two faces each, and the bar chart under them.
+    assert png.width >= 7 * 150 and png.height >= 2 * 200 + 150, png.size
+    pixels = np.asarray(png.convert("RGB"))
+  assert pixels.std() > 20  # faces and bars, not a blank canvas
+  questions = facexbench.load_benchmark(workdir / "benchmark")
+  shown = demo_picture.pick(questions)
+  assert [q.task for q in shown[:7]] == list(report["per_task"])
+  assert len(shown) == 2 * 7 and len({q.qid for q in shown}) == 14
 
 
 def test_rerun_resumes_without_retraining(smoke, capsys):
@@ -195,3 +244,34 @@ def test_foreign_or_bad_workdir_is_refused(tmp_path, capsys):
   assert demo.main(["--workdir", str(tmp_path / "mine.txt"), "--smoke"]) == 2
   assert "not a folder" in capsys.readouterr().err
   assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_sigterm_in_training_saves_and_a_rerun_continues(smoke, tmp_path, capsys):
+  """SIGTERM (or Ctrl-C) mid-fine-tuning: the demo exits 143 with the checkpoint saved, and the
+  same command continues from it to the end, past the stages already done."""
+  workdir, _ = smoke
+  steps = 100  # far more than the steps before the signal lands
+  other = tmp_path / "w"
+  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("train", "eval", demo.REPORT_FILE,
+                                                                 demo.PICTURE_FILE))
+  settings = json.loads((other / demo.SETTINGS_FILE).read_text())
+  (other / demo.SETTINGS_FILE).write_text(json.dumps(dict(settings, steps=steps)))
+  (other / "pretrain" / "config.json").write_text(
+      (other / "pretrain" / "config.json").read_text().replace(str(workdir), str(other)))
+
+  def terminate_after_the_first_step():
+    metrics = other / "train" / "metrics.jsonl"
+    while not metrics.exists() or not metrics.read_text().strip():
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate_after_the_first_step, daemon=True).start()
+  argv = ["--workdir", str(other), "--smoke", "--steps", str(steps)]
+  assert demo.main(argv) == 128 + signal.SIGTERM
+  assert "rerun the same command to resume" in capsys.readouterr().err
+  saved = [int(p.name) for p in (other / "train" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved and 1 <= max(saved) < steps
+  assert demo.main(argv) == 0
+  lines = [json.loads(x) for x in (other / "train" / "metrics.jsonl").read_text().splitlines()]
+  assert lines[-1]["step"] == steps and [x["step"] for x in lines].count(steps) == 1
+  assert json.loads((other / demo.REPORT_FILE).read_text())["train"]["steps"] == steps
