@@ -48,10 +48,10 @@ def render(questions: Sequence[facexbench.Question], predictions: Mapping[str, M
   shown = pick(questions)
   cols = max(1, len({q.task for q in shown}))
   rows = -(-len(shown) // cols)
-  fig = Figure(figsize=(2.3 * cols, 3.3 * rows + 3.2), dpi=dpi, facecolor="white")
+  fig = Figure(figsize=(2.3 * cols, 3.0 * rows + 3.0), dpi=dpi, facecolor="white")
   FigureCanvasAgg(fig)
-  grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.3] * rows + [3.0], hspace=0.9,
-                          left=0.05, right=0.98, top=0.95, bottom=0.09)
+  grid = fig.add_gridspec(rows + 1, cols, height_ratios=[3.0] * rows + [2.4], hspace=0.75,
+                          left=0.05, right=0.98, top=0.88, bottom=0.07)
   for k, q in enumerate(shown):
     ax = fig.add_subplot(grid[k // cols, k % cols])
     with Image.open(q.image_paths[0]) as img:
@@ -78,8 +78,10 @@ def render(questions: Sequence[facexbench.Question], predictions: Mapping[str, M
             color=_CHANCE)
   bars.set_ylim(0, 1.12)
   bars.set_ylabel("held-out accuracy")
+  bars.set_title("accuracy per task on held-out faces", fontsize=9)
   bars.tick_params(axis="x", labelsize=8)
-  fig.suptitle("FaceLLM-JAX demo: held-out synthetic faces (green: right, red: wrong)", fontsize=10)
+  fig.suptitle("FaceLLM-JAX demo: held-out synthetic faces, the model's answer and the truth "
+               "(green: right, red: wrong)", fontsize=11, y=0.985)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=dpi)
   return buf.getvalue()
