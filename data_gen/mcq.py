@@ -5,12 +5,12 @@ evaluation would measure the format, not the face reading. These items teach the
 the option order are drawn exactly as `synth.write_benchmark` draws them for the held-out faces,
 and the prompt text is `facexbench.build_prompt`'s own, so a training prompt and a benchmark
 prompt differ only in the face and the draw. The target is what that prompt asks for, the option
-letter, followed by the option's text: "(B) Female". The benchmark's extraction takes the leading
-"(B)" (its first rule), so the letter alone is scored. The text after it is a copy of the prompt's
-line "(B) Female" and the letter is not: letter first, the model must look the face's answer up
-in the option list before it writes anything. Measured on the demo benchmark (the numbers in
-benchmarks/README.md): text last, "Female (B)", left the letter right for 54% of questions whose
-text was right after 1,000 fine-tuning steps, where the letter first is learned with the reading.
+letter, then the option's text: "(B) Female". The benchmark's extraction takes the leading "(B)"
+(its first rule), so the letter alone is scored, as FaceXBench scores a real model. Letter first
+because text first was measured to fail: with "Female (B)", after 1,000 fine-tuning steps the
+letter was right for only 54% of benchmark questions whose text was right (teacher-forced). With
+the letter first the model must find the face's answer in the option list before it writes
+anything, and the text after it is a copy of the prompt's line "(B) Female".
 
 `python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]` writes a
 TFDS dataset (the `generate` format, attribute `mcq_<task>`) with R items per (face, task) and,

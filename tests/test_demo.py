@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -276,3 +278,30 @@ def test_sigterm_in_training_saves_and_a_rerun_continues(smoke, tmp_path, capsys
   lines = [json.loads(x) for x in (other / "train" / "metrics.jsonl").read_text().splitlines()]
   assert lines[-1]["step"] == steps and [x["step"] for x in lines].count(steps) == 1
   assert json.loads((other / demo.REPORT_FILE).read_text())["train"]["steps"] == steps
+
+
+def test_a_gs_workdir_gets_training_eval_report_and_picture_and_resumes(tmp_path):
+  """`--workdir gs://...` against the GCS emulator (tests/demo_gcs_driver.py, in a network
+  namespace with only loopback): the bucket gets the fine-tuning, evaluation, report and
+  picture, the scratch stages stay local, a rerun trains nothing, errors are one line."""
+  from test_gcs_workdir import ROOT, _unshare_refused  # pylint: disable=g-import-not-at-top
+
+  reason = _unshare_refused()
+  if reason:
+    pytest.skip(f"needs a network namespace with only loopback for the GCS emulator: {reason}")
+  done = subprocess.run(["unshare", "-n", sys.executable, "tests/demo_gcs_driver.py", str(tmp_path)],
+                        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert r["rc"] == 0 and r["rerun_rc"] == 0 and r["rerun_trained_nothing"]
+  top = {o.split("/")[0] for o in r["objects"]}
+  assert top == {"train", "eval", demo.REPORT_FILE, demo.PICTURE_FILE, demo.SETTINGS_FILE}, top
+  assert "train/metrics.jsonl" in r["objects"] and "eval/predictions.jsonl" in r["objects"]
+  assert any(o.startswith("train/checkpoints/3/") for o in r["objects"])
+  assert r["report"]["picture"] == f"gs://bkt/demo/{demo.PICTURE_FILE}"
+  assert r["png_head"] == "89504e470d0a1a0a"  # the PNG signature
+  assert r["scratch"].startswith(str(tmp_path / "tmp"))
+  assert r["scratch_entries"] == ["benchmark", "cards", "data", "faces", "pretrain", "qa", "tokenizer"]
+  assert r["bad_seed_rc"] == 2
+  assert r["denied_rc"] == 2 and "permission denied" in r["denied_err"]
+  assert len(r["denied_err"].splitlines()) == 1
