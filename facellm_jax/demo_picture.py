@@ -74,7 +74,8 @@ def render(questions: Sequence[facexbench.Question], predictions: Mapping[str, M
   for x, v in enumerate(values):
     bars.text(x, v + 0.02, f"{v:.0%}", ha="center", fontsize=8)
   bars.axhline(chance, color=_CHANCE, linestyle="--", linewidth=1.2)
-  bars.text(len(tasks) - 0.5, chance + 0.02, f"chance {chance:.0%}", ha="right", fontsize=8,
+  bars.set_xlim(-0.6, len(tasks) + 0.4)  # room right of the bars for the chance label
+  bars.text(len(tasks) + 0.35, chance + 0.02, f"chance {chance:.0%}", ha="right", fontsize=8,
             color=_CHANCE)
   bars.set_ylim(0, 1.12)
   bars.set_ylabel("held-out accuracy")
