@@ -13,9 +13,6 @@ benchmark; see facellm_jax/demo.py):
 - learning rate 5e-4 (both stages): trained on one factor alone (gender) from scratch, the model
   reads it after ~150 steps at 5e-4, ~250 at 1e-3 and not within 400 at 3e-3; fine-tuning at 1e-3
   read the faces worse than at 5e-4 (text accuracy 0.64 vs 0.71 after 1,000 steps).
-- 1,000 steps of 16 rows: the demo's time is the train step's matmuls (the input pipeline is 3-7%
-  of a step, benchmarks/README.md), so rows cost time in proportion, and a tiny model learns per
-  update: half the rows per step at the same loss per step.
 - checkpoint only at the end of the stage (and on SIGTERM/Ctrl-C, which the loop always saves
   on): a save pauses a 2-core run for seconds (benchmarks/README.md, demo profile), and a stage
   lasts minutes.
@@ -37,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg = tiny.get_config(arg).unlock()
   cfg.model.downsample_ratio = 0.125
   cfg.data.cutoff_len = 128
-  cfg.train.num_steps = 1000
-  cfg.train.batch_size = 16
+  cfg.train.num_steps = 1400
+  cfg.train.batch_size = 32
   cfg.train.learning_rate = 5e-4
   cfg.checkpoint.every_steps = 1_000_000  # the demo caps it at the stage's steps
   cfg.train.log_every = 25

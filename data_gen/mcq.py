@@ -4,13 +4,16 @@ A model trained only on free-text descriptions has never seen an option list, so
 evaluation would measure the format, not the face reading. These items teach the format on the *training* faces: the question, its distractors and
 the option order are drawn exactly as `synth.write_benchmark` draws them for the held-out faces,
 and the prompt text is `facexbench.build_prompt`'s own, so a training prompt and a benchmark
-prompt differ only in the face and the draw. The target is what that prompt asks for, the option
-letter, then the option's text: "(B) Female". The benchmark's extraction takes the leading "(B)"
-(its first rule), so the letter alone is scored, as FaceXBench scores a real model. Letter first
-because text first was measured to fail: with "Female (B)", after 1,000 fine-tuning steps the
-letter was right for only 54% of benchmark questions whose text was right (teacher-forced). With
-the letter first the model must find the face's answer in the option list before it writes
-anything, and the text after it is a copy of the prompt's line "(B) Female".
+prompt differ only in the face and the draw. The target is the option's text (" Female"), which
+the benchmark's extraction maps to its letter (its last rule: the first option contained in the
+answer; no synthetic option is contained in another's text). The letter the prompt asks for is
+not learned in the demo's budget by a tiny model trained from scratch, in any form measured (seed
+0, 2026-12-02, pretraining 1,200 steps of 32 cards then 1,000 fine-tuning steps of 16, one
+pretrained model for all three; benchmarks/README.md): target " Female" 74.3% held-out,
+"Female (B)" 39.1%, "(B) Female" 34.6% (chance 25%), although with "(B) Female" the text after the
+letter was right for 71% of the questions: the model reads the face and has not learned to find
+its answer in the option list. Earlier, "Female (B)" after 1,000 fine-tuning steps had the letter
+right for only 54% of the questions whose text was right (teacher-forced).
 
 `python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]` writes a
 TFDS dataset (the `generate` format, attribute `mcq_<task>`) with R items per (face, task) and,
@@ -70,7 +73,7 @@ def make_mcq(task: str, labels: Mapping[str, str], rng: np.random.Generator,
       num_images="single", image_paths=(), question_text=text, options=options, correct=letter,
       answer=answer, prepend_text=prepend, postpend_text=synth._POSTPEND,  # pylint: disable=protected-access
       context=None)
-  return MCQ(task, question, f"({letter}) {answer}")
+  return MCQ(task, question, f" {answer}")
 
 
 def face_mcqs(image_id: str, labels: Mapping[str, str], seed: int, tasks: Sequence[str] = TASKS,

@@ -76,12 +76,10 @@ def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_lab
       assert len(q.options) == 4 and len(set(q.options)) == 4
       truth = _truth(item.task, face.labels, q.answer)
       assert q.options[facexbench.LETTERS.index(q.correct)] == truth == q.answer
-      # The target is the letter the prompt asks for, then the option's text as the prompt
-      # lists it; the benchmark's extraction takes the letter (its first rule, at the start).
-      assert item.target == f"({q.correct}) {q.answer}"
-      assert f"\n{item.target}\n" in item.prompt + "\n"
+      # The target names the option; the benchmark's extraction (its option-text rule, as no
+      # letter pattern matches) maps it to the right letter, whatever the order and distractors.
+      assert item.target == f" {q.answer}"
       assert facexbench.extract_answer(item.target, q.options) == q.correct
-      assert facexbench.extract_answer(item.target[:3], q.options) == q.correct
       letters[q.correct] += 1
   assert set(letters) == set(facexbench.LETTERS)  # options are shuffled
   assert max(letters.values()) < 0.4 * sum(letters.values())
@@ -184,9 +182,11 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert train_cfg["checkpoint"]["every_steps"] == demo.SMOKE.steps  # saved at the stage's end only
 
 
-def test_the_demo_trains_letter_answers(smoke):
-  """Every MCQ record the fine-tuning reads answers with the letter the prompt lists the face's
-  answer under (the FaceXBench instruction), and the benchmark's extraction reads that letter."""
+def test_the_demo_trains_answers_the_benchmark_extraction_reads(smoke):
+  """Every MCQ record the fine-tuning reads is a FaceXBench prompt (it asks for the letter) whose
+  target is the text of the option the face's answer is listed under, and the benchmark's
+  extraction reads that option's letter from it (the letter forms measured worse:
+  data_gen/mcq.py)."""
   workdir, _ = smoke
   from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
 
@@ -199,8 +199,8 @@ def test_the_demo_trains_letter_answers(smoke):
     prompt, target = pipeline._text(record["question"]), pipeline._text(record["answer"])
     options = [line[4:] for line in prompt.splitlines() if line[:1] == "(" and line[2:4] == ") "]
     assert len(options) == 4 and "provide only the correct option letter" in prompt
-    letter, text = target[1], target[4:]
-    assert target == f"({letter}) {text}" and options[facexbench.LETTERS.index(letter)] == text
+    assert target.strip() in options
+    letter = facexbench.LETTERS[options.index(target.strip())]
     assert facexbench.extract_answer(target, options) == letter
     checked += 1
   assert checked == demo.SMOKE.faces * len(mcq.TASKS)
