@@ -13,6 +13,9 @@ benchmark; see facellm_jax/demo.py):
 - learning rate 5e-4 (both stages): trained on one factor alone (gender) from scratch, the model
   reads it after ~150 steps at 5e-4, ~250 at 1e-3 and not within 400 at 3e-3; fine-tuning at 1e-3
   read the faces worse than at 5e-4 (text accuracy 0.64 vs 0.71 after 1,000 steps).
+- checkpoint only at the end of the stage (and on SIGTERM/Ctrl-C, which the loop always saves
+  on): a save pauses a 2-core run for seconds (benchmarks/README.md, demo profile), and a stage
+  lasts minutes.
 
 `--config=configs/demo.py` takes tiny.py's arguments (`:lora`, `vocab=N`).
 """
@@ -34,6 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.train.num_steps = 1400
   cfg.train.batch_size = 32
   cfg.train.learning_rate = 5e-4
-  cfg.checkpoint.every_steps = 500
+  cfg.checkpoint.every_steps = 1_000_000  # the demo caps it at the stage's steps
   cfg.train.log_every = 25
   return cfg.lock()

@@ -9,12 +9,16 @@
      (`configs/demo.py`)
   -> evaluate on the held-out benchmark with FaceXBench's own prompt and answer extraction
   -> answer one chat question about a held-out face
+  -> draw a picture: held-out faces with question, answer and truth, and accuracy per task
 
 The synthetic world's truth is known, so the score means something: the benchmark's faces are
 never trained on and chance is 25%. Each stage resumes: a rerun with the same workdir skips what
 is done (the training resumes from its checkpoint), and refuses a workdir made with other
 settings. Writes `W/demo_report.json` (`synth_mcq_accuracy`, `chance`, per-task accuracy,
-timings, the chat answer) and prints a summary.
+timings, the chat answer) and `W/demo.png`, and prints a summary. `W` may be a `gs://` URL: then
+the fine-tuning, the evaluation and the report go there (through `facellm_jax.paths`) and the
+scratch stages (faces, items, tokenizer, pretraining) stay in a local temporary folder named after
+`W`, so a rerun on the same machine resumes them too.
 """
 
 from __future__ import annotations
@@ -22,20 +26,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+
+from facellm_jax import paths
 
 CHANCE = 0.25  # four options per question
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 DEFAULT_PRETRAIN_CONFIG = DEFAULT_CONFIG.with_name("demo_pretrain.py")
 SETTINGS_FILE = "demo_settings.json"
 REPORT_FILE = "demo_report.json"
+PICTURE_FILE = "demo.png"
 CHAT_TASK = "gender"  # the chat question is asked about this task's first benchmark face
 CHAT_ATTRIBUTE = "demographics"
 
@@ -47,6 +56,8 @@ class Settings:
   benchmark_num: int = 50  # held-out questions per benchmark task (7 tasks)
   qa_attributes: tuple[str, ...] = ("demographics",)  # also the chat question's attribute
   mcq_rounds: int = 1  # MCQ items per (face, task)
+  # Half the rows per step would halve the time (the step's matmuls are the demo's time), but
+  # measured it cost expression and head pose (benchmarks/README.md, demo section).
   pretrain_steps: int = 1600
   pretrain_batch_size: int = 64
   steps: int = 1400
@@ -68,13 +79,14 @@ class DemoError(Exception):
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="facellm-demo", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", default="facellm_demo", type=Path,
-                 help="where every stage writes (default: ./facellm_demo); rerun to resume")
+  p.add_argument("--workdir", default="facellm_demo",
+                 help="where every stage writes, a folder or a gs:// URL (default: ./facellm_demo); "
+                      "rerun to resume")
   p.add_argument("--config", default=str(DEFAULT_CONFIG),
                  help="fine-tuning config file[:arg] (default: the repository's configs/demo.py)")
   p.add_argument("--pretrain-config", default=str(DEFAULT_PRETRAIN_CONFIG),
                  help="pretraining config file[:arg] (default: configs/demo_pretrain.py)")
-  p.add_argument("--seed", type=int, help=f"world, data order and init seed ({Settings.seed})")
+  p.add_argument("--seed", type=int, help=f"world, data order and init seed, >= 0 ({Settings.seed})")
   p.add_argument("--faces", type=int, help=f"training faces ({Settings.faces})")
   p.add_argument("--pretrain-steps", type=int,
                  help=f"pretraining steps on the cards ({Settings.pretrain_steps})")
@@ -88,16 +100,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                                  ("pretrain_steps", args.pretrain_steps),
                                  ("benchmark_num", args.benchmark_num)) if v is not None}
   for key, value in overrides.items():
-    if key != "seed" and value < 1:
-      p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    if value < (0 if key == "seed" else 1):
+      p.error(f"--{key.replace('_', '-')} must be at least {0 if key == 'seed' else 1}, got {value}")
   args.settings = dataclasses.replace(base, **overrides)
   return args
 
 
-def _check_workdir(workdir: Path, settings: Settings) -> None:
+def _check_workdir(workdir: paths.Path, settings: Settings) -> None:
   """A new or empty folder, or one this demo made with the same settings."""
-  if workdir.exists() and not workdir.is_dir():
-    raise DemoError(f"--workdir {workdir} exists and is not a folder")
   path = workdir / SETTINGS_FILE
   want = json.loads(json.dumps(dataclasses.asdict(settings)))
   if path.is_file():
@@ -110,8 +120,17 @@ def _check_workdir(workdir: Path, settings: Settings) -> None:
   elif workdir.is_dir() and any(workdir.iterdir()):
     raise DemoError(f"--workdir {workdir} is a non-empty folder that is not a demo workdir; "
                     "choose a new or empty folder")
-  workdir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(want, indent=2) + "\n")
+  paths.makedirs(workdir)
+  paths.write_json(path, want)
+
+
+def scratch_dir(workdir: paths.Path) -> Path:
+  """Where the stages that need local files write: the workdir itself, or for a `gs://` one a
+  local folder named after its URL (the same on every rerun on this machine)."""
+  if not paths.is_remote(workdir):
+    return Path(os.fspath(workdir))
+  digest = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:16]
+  return Path(tempfile.gettempdir()) / f"facellm-demo-{digest}"
 
 
 class _Timer:
@@ -121,7 +140,7 @@ class _Timer:
     self.stages: dict[str, dict[str, float]] = {}
 
   def run(self, number: int, name: str, title: str, fn: Callable, *args, **kwargs):
-    print(f"\n[{number}/7] {title}", file=sys.stderr, flush=True)
+    print(f"\n[{number}/8] {title}", file=sys.stderr, flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
     self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 1),
@@ -223,12 +242,12 @@ def stage_config(config_spec: str, workdir: Path, s: Settings, *, data: str, ste
   return cfg.lock()
 
 
-def _train(workdir: Path, cfg, export_to: Path | None = None) -> dict[str, float]:
+def _train(workdir: paths.PathLike, cfg, export_to: Path | None = None) -> dict[str, float]:
   from facellm_jax import export  # pylint: disable=g-import-not-at-top
   from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
 
   loop.train(cfg, workdir)
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  lines = (paths.path(workdir) / "metrics.jsonl").read_text().splitlines()
   last = json.loads(lines[-1])
   if export_to is not None and not (export_to / "config.json").is_file():
     tmp = export_to.with_name(export_to.name + ".tmp")
@@ -241,21 +260,21 @@ def _train(workdir: Path, cfg, export_to: Path | None = None) -> dict[str, float
   return {"steps": last["step"], "final_loss": round(last["loss"], 4)}
 
 
-def _evaluate(workdir: Path, s: Settings, model, mc, tokenizer) -> dict:
+def _evaluate(workdir: paths.Path, local: Path, s: Settings, model, mc, tokenizer) -> dict:
   from facellm_jax.evaluation import facexbench  # pylint: disable=g-import-not-at-top
   from facellm_jax.inference import answer  # pylint: disable=g-import-not-at-top
 
-  questions = facexbench.load_benchmark(workdir / "benchmark")
+  questions = facexbench.load_benchmark(local / "benchmark")
   generate_fn = answer.make_generate_fn(model, mc, tokenizer, max_new_tokens=s.max_new_tokens,
                                         batch_size=s.eval_batch_size)
   return facexbench.evaluate(questions, generate_fn, workdir / "eval", batch_size=s.eval_batch_size)
 
 
-def _chat(workdir: Path, s: Settings, model, mc, tokenizer) -> dict[str, object]:
+def _chat(local: Path, s: Settings, model, mc, tokenizer) -> dict[str, object]:
   from data_gen import prompts, synth  # pylint: disable=g-import-not-at-top
   from facellm_jax.inference import answer  # pylint: disable=g-import-not-at-top
 
-  image = workdir / "benchmark" / "images" / f"synthetic_single_mcq_{CHAT_TASK}" / "question_1.jpg"
+  image = local / "benchmark" / "images" / f"synthetic_single_mcq_{CHAT_TASK}" / "question_1.jpg"
   truth = synth.sample_labels(s.benchmark_num, s.seed, stream=f"benchmark/{CHAT_TASK}")[0]
   question = prompts.QUESTIONS[CHAT_ATTRIBUTE]
   reply = answer.answer(model, mc, tokenizer, question, [image], max_new_tokens=s.chat_max_new_tokens)
@@ -263,33 +282,48 @@ def _chat(workdir: Path, s: Settings, model, mc, tokenizer) -> dict[str, object]
           "truth": {k: truth[k] for k in ("age", "gender", "race")}}
 
 
-def run(workdir: Path, s: Settings, config_spec: str = str(DEFAULT_CONFIG),
+def _picture(workdir: paths.Path, local: Path, result: dict) -> str:
+  from facellm_jax import demo_picture  # pylint: disable=g-import-not-at-top
+  from facellm_jax.evaluation import facexbench  # pylint: disable=g-import-not-at-top
+
+  questions = facexbench.load_benchmark(local / "benchmark")
+  png = demo_picture.render(questions, facexbench.answered(workdir / "eval"), result["per_task"],
+                            CHANCE)
+  out = workdir / PICTURE_FILE
+  out.write_bytes(png)
+  return os.fspath(out)
+
+
+def run(workdir: paths.PathLike, s: Settings, config_spec: str = str(DEFAULT_CONFIG),
         pretrain_spec: str = str(DEFAULT_PRETRAIN_CONFIG)) -> dict:
   """Runs (or resumes) every stage in `workdir`; returns the report also written there."""
+  workdir = paths.check_output_dir(workdir, "--workdir")
   _check_workdir(workdir, s)
-  pretrained = workdir / "pretrain" / "hf"
-  pre_cfg = stage_config(pretrain_spec, workdir, s, data="cards", steps=s.pretrain_steps,
+  local = scratch_dir(workdir)
+  local.mkdir(parents=True, exist_ok=True)
+  pretrained = local / "pretrain" / "hf"
+  pre_cfg = stage_config(pretrain_spec, local, s, data="cards", steps=s.pretrain_steps,
                          batch_size=s.pretrain_batch_size)
-  cfg = stage_config(config_spec, workdir, s, data="data", steps=s.steps, batch_size=s.batch_size,
+  cfg = stage_config(config_spec, local, s, data="data", steps=s.steps, batch_size=s.batch_size,
                      init=str(pretrained))
   timer = _Timer()
   data = timer.run(1, "synthesize", f"synthesize {s.faces} training faces and a held-out benchmark",
-                   _synthesize, workdir, s)
-  faces = _read_faces(workdir)
+                   _synthesize, local, s)
+  faces = _read_faces(local)
   data |= timer.run(2, "generate", f"offline QA: {', '.join(s.qa_attributes)}", _generate,
-                    workdir, s, faces)
-  data |= timer.run(3, "items", "MCQ-style items and attribute cards", _items, workdir, s, faces)
-  data |= _tokenizer(workdir, faces, pre_cfg.model.text.vocab_size)
+                    local, s, faces)
+  data |= timer.run(3, "items", "MCQ-style items and attribute cards", _items, local, s, faces)
+  data |= _tokenizer(local, faces, pre_cfg.model.text.vocab_size)
   pretrain = timer.run(4, "pretrain", f"pretrain on cards: {s.pretrain_steps} steps of "
-                       f"{s.pretrain_batch_size}", _train, workdir / "pretrain", pre_cfg, pretrained)
+                       f"{s.pretrain_batch_size}", _train, local / "pretrain", pre_cfg, pretrained)
   train = timer.run(5, "train", f"fine-tune on QA, MCQ and cards: {s.steps} steps of {s.batch_size}",
                     _train, workdir / "train", cfg)
   from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
 
   model, mc, tokenizer = load.load_for_inference(workdir=workdir / "train")
-  report = timer.run(6, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, s, model,
-                     mc, tokenizer)
-  chat = timer.run(7, "chat", "one chat question", _chat, workdir, s, model, mc, tokenizer)
+  report = timer.run(6, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, local, s,
+                     model, mc, tokenizer)
+  chat = timer.run(7, "chat", "one chat question", _chat, local, s, model, mc, tokenizer)
   result = {
       "synth_mcq_accuracy": report["overall"],
       "chance": CHANCE,
@@ -303,10 +337,10 @@ def run(workdir: Path, s: Settings, config_spec: str = str(DEFAULT_CONFIG),
       "data": data,
       "pretrain": pretrain | {"config": pretrain_spec, "batch_size": s.pretrain_batch_size},
       "train": train | {"config": config_spec, "batch_size": s.batch_size},
-      "timings": {**timer.stages, "total": timer.total()},
-      "settings": dataclasses.asdict(s),
   }
-  (workdir / REPORT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+  result["picture"] = timer.run(8, "picture", "the picture", _picture, workdir, local, result)
+  result |= {"timings": {**timer.stages, "total": timer.total()}, "settings": dataclasses.asdict(s)}
+  paths.write_json(workdir / REPORT_FILE, result)
   return result
 
 
@@ -332,13 +366,18 @@ def summary(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
+
   try:
     result = run(args.workdir, args.settings, args.config, args.pretrain_config)
-  except (DemoError, FileNotFoundError, ValueError) as e:
-    print(f"facellm-demo: error: {e}", file=sys.stderr)
+  except loop.Preempted as e:  # the checkpoint is saved; a rerun continues
+    print(f"facellm-demo: {e}", file=sys.stderr)
+    return 128 + e.signum
+  except (DemoError, OSError, ValueError) as e:
+    print(f"facellm-demo: error: {paths.one_line(e)}", file=sys.stderr)
     return 2
   print(summary(result))
-  print(f"\nReport: {args.workdir / REPORT_FILE}")
+  print(f"\nReport: {paths.path(args.workdir) / REPORT_FILE}\nPicture: {result['picture']}")
   return 0
 
 

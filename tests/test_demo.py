@@ -3,11 +3,19 @@
 import collections
 import csv
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
+import numpy as np
 import pytest
 
 from data_gen import cards, fairface, mcq, synth
-from facellm_jax import demo
+from facellm_jax import demo, demo_picture
 from facellm_jax.evaluation import facexbench
 
 SEED = 3
@@ -147,7 +155,7 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   correct = sum(c["correct"] for c in report["per_task_counts"].values())
   assert report["synth_mcq_accuracy"] == pytest.approx(correct / n)
   assert set(report["timings"]) == {"synthesize", "generate", "items", "pretrain", "train",
-                                    "evaluate", "chat", "total"}
+                                    "evaluate", "chat", "picture", "total"}
   assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timings"].values())
   assert report["train"]["steps"] == demo.SMOKE.steps
   assert report["pretrain"]["steps"] == demo.SMOKE.pretrain_steps
@@ -171,6 +179,49 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert train_cfg["model"]["hf_checkpoint"] == str(workdir / "pretrain" / "hf")
   assert (workdir / "pretrain" / "hf" / "model.safetensors").is_file()
   assert train_cfg["tokenizer"]["path"] == str(workdir / "tokenizer")
+  assert train_cfg["checkpoint"]["every_steps"] == demo.SMOKE.steps  # saved at the stage's end only
+
+
+def test_the_demo_trains_answers_the_benchmark_extraction_reads(smoke):
+  """Every MCQ record the fine-tuning reads is a FaceXBench prompt (it asks for the letter) whose
+  target is the text of the option the face's answer is listed under, and the benchmark's
+  extraction reads that option's letter from it (the letter forms measured worse:
+  data_gen/mcq.py)."""
+  workdir, _ = smoke
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
+
+  source = pipeline.open_tfds_source(workdir / "data")
+  checked = 0
+  for i in range(len(source)):
+    record = source[i]
+    if not pipeline._text(record["attribute"]).startswith(mcq.ATTRIBUTE_PREFIX):
+      continue
+    prompt, target = pipeline._text(record["question"]), pipeline._text(record["answer"])
+    options = [line[4:] for line in prompt.splitlines() if line[:1] == "(" and line[2:4] == ") "]
+    assert len(options) == 4 and "provide only the correct option letter" in prompt
+    assert target.strip() in options
+    letter = facexbench.LETTERS[options.index(target.strip())]
+    assert facexbench.extract_answer(target, options) == letter
+    checked += 1
+  assert checked == demo.SMOKE.faces * len(mcq.TASKS)
+
+
+def test_the_demo_draws_its_picture(smoke):
+  workdir, _ = smoke
+  report = json.loads((workdir / demo.REPORT_FILE).read_text())
+  assert report["picture"] == str(workdir / demo.PICTURE_FILE)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(report["picture"]) as png:
+    assert png.format == "PNG"
+    # One column per task, two faces each, and the bar chart under them.
+    assert png.width >= 7 * 150 and png.height >= 2 * 200 + 150, png.size
+    pixels = np.asarray(png.convert("RGB"))
+  assert pixels.std() > 20  # faces and bars, not a blank canvas
+  questions = facexbench.load_benchmark(workdir / "benchmark")
+  shown = demo_picture.pick(questions)
+  assert [q.task for q in shown[:7]] == list(report["per_task"])
+  assert len(shown) == 2 * 7 and len({q.qid for q in shown}) == 14
 
 
 def test_rerun_resumes_without_retraining(smoke, capsys):
@@ -195,3 +246,62 @@ def test_foreign_or_bad_workdir_is_refused(tmp_path, capsys):
   assert demo.main(["--workdir", str(tmp_path / "mine.txt"), "--smoke"]) == 2
   assert "not a folder" in capsys.readouterr().err
   assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_sigterm_in_training_saves_and_a_rerun_continues(smoke, tmp_path, capsys):
+  """SIGTERM (or Ctrl-C) mid-fine-tuning: the demo exits 143 with the checkpoint saved, and the
+  same command continues from it to the end, past the stages already done."""
+  workdir, _ = smoke
+  steps = 100  # far more than the steps before the signal lands
+  other = tmp_path / "w"
+  fine_tuning = {"train", "eval", demo.REPORT_FILE, demo.PICTURE_FILE}  # what this test redoes
+  shutil.copytree(workdir, other,
+                  ignore=lambda d, names: fine_tuning & set(names) if d == str(workdir) else ())
+  settings = json.loads((other / demo.SETTINGS_FILE).read_text())
+  (other / demo.SETTINGS_FILE).write_text(json.dumps(dict(settings, steps=steps)))
+  (other / "pretrain" / "config.json").write_text(
+      (other / "pretrain" / "config.json").read_text().replace(str(workdir), str(other)))
+
+  def terminate_after_the_first_step():
+    metrics = other / "train" / "metrics.jsonl"
+    while not metrics.exists() or not metrics.read_text().strip():
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate_after_the_first_step, daemon=True).start()
+  argv = ["--workdir", str(other), "--smoke", "--steps", str(steps)]
+  assert demo.main(argv) == 128 + signal.SIGTERM
+  assert "rerun the same command to resume" in capsys.readouterr().err
+  saved = [int(p.name) for p in (other / "train" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved and 1 <= max(saved) < steps
+  assert demo.main(argv) == 0
+  lines = [json.loads(x) for x in (other / "train" / "metrics.jsonl").read_text().splitlines()]
+  assert lines[-1]["step"] == steps and [x["step"] for x in lines].count(steps) == 1
+  assert json.loads((other / demo.REPORT_FILE).read_text())["train"]["steps"] == steps
+
+
+def test_a_gs_workdir_gets_training_eval_report_and_picture_and_resumes(tmp_path):
+  """`--workdir gs://...` against the GCS emulator (tests/demo_gcs_driver.py, in a network
+  namespace with only loopback): the bucket gets the fine-tuning, evaluation, report and
+  picture, the scratch stages stay local, a rerun trains nothing, errors are one line."""
+  from test_gcs_workdir import ROOT, _unshare_refused  # pylint: disable=g-import-not-at-top
+
+  reason = _unshare_refused()
+  if reason:
+    pytest.skip(f"needs a network namespace with only loopback for the GCS emulator: {reason}")
+  done = subprocess.run(["unshare", "-n", sys.executable, "tests/demo_gcs_driver.py", str(tmp_path)],
+                        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert r["rc"] == 0 and r["rerun_rc"] == 0 and r["rerun_trained_nothing"]
+  top = {o.split("/")[0] for o in r["objects"]}
+  assert top == {"train", "eval", demo.REPORT_FILE, demo.PICTURE_FILE, demo.SETTINGS_FILE}, top
+  assert "train/metrics.jsonl" in r["objects"] and "eval/predictions.jsonl" in r["objects"]
+  assert any(o.startswith("train/checkpoints/3/") for o in r["objects"])
+  assert r["report"]["picture"] == f"gs://bkt/demo/{demo.PICTURE_FILE}"
+  assert r["png_head"] == "89504e470d0a1a0a"  # the PNG signature
+  assert r["scratch"].startswith(str(tmp_path / "tmp"))
+  assert r["scratch_entries"] == ["benchmark", "cards", "data", "faces", "pretrain", "qa", "tokenizer"]
+  assert r["bad_seed_rc"] == 2
+  assert r["denied_rc"] == 2 and "permission denied" in r["denied_err"]
+  assert len(r["denied_err"].splitlines()) == 1

@@ -1,0 +1,66 @@
+"""`facellm-demo --smoke` with a gs:// workdir, against the GCS emulator of `tests/gcs_driver.py`.
+
+`tests/test_demo.py` runs `unshare -n python tests/demo_gcs_driver.py OUT` (a network namespace
+with only loopback, as gcs_driver's own scenarios). Inside: the demo runs twice on
+`gs://bkt/demo` (the second run must resume, training nothing), a bad seed and a workdir in a
+bucket that denies writes are tried, and OUT/results.json records what the bucket and the local
+scratch folder hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gcs_driver import BUCKET, DENY_PORT, PORT, ROOT, gcs_env, isolate, quietly, start_servers  # pylint: disable=wrong-import-position
+
+
+def scenarios() -> dict:
+  from facellm_jax import demo, paths  # pylint: disable=g-import-not-at-top
+
+  workdir = f"gs://{BUCKET}/demo"
+  r = {}
+  r["rc"], r["err"] = quietly(demo.main, ["--workdir", workdir, "--smoke"])
+  r["objects"] = sorted(os.fspath(p)[len(workdir) + 1:] for p in paths.files_under(workdir))
+  r["report"] = json.loads(paths.path(f"{workdir}/{demo.REPORT_FILE}").read_text())
+  scratch = demo.scratch_dir(paths.path(workdir))
+  r["scratch"] = str(scratch)
+  r["scratch_entries"] = sorted(p.name for p in scratch.iterdir())
+  r["png_head"] = paths.path(f"{workdir}/{demo.PICTURE_FILE}").read_bytes()[:8].hex()
+  metrics = paths.path(f"{workdir}/train/metrics.jsonl").read_text()
+  r["rerun_rc"], _ = quietly(demo.main, ["--workdir", workdir, "--smoke"])
+  r["rerun_trained_nothing"] = paths.path(f"{workdir}/train/metrics.jsonl").read_text() == metrics
+  try:
+    quietly(demo.main, ["--workdir", workdir, "--smoke", "--seed", "-1"])
+  except SystemExit as e:  # argparse's error: usage and one error line, exit 2
+    r["bad_seed_rc"] = e.code
+  os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{DENY_PORT}"  # every request: 403
+  r["denied_rc"], r["denied_err"] = quietly(demo.main, ["--workdir", f"gs://{BUCKET}/other", "--smoke"])
+  return r
+
+
+def main(argv: list[str]) -> int:
+  out = pathlib.Path(argv[1])
+  isolate()
+  os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+  os.environ.update(gcs_env(PORT), CLOUDSDK_CONFIG=tempfile.mkdtemp(prefix="gcloud-empty-"),
+                    XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                    TMPDIR=str(out / "tmp"))
+  (out / "tmp").mkdir()
+  tempfile.tempdir = None  # re-read TMPDIR: the local scratch folder lands under OUT
+  os.chdir(ROOT)
+  emulator = start_servers(out)
+  try:
+    results = scenarios()
+  finally:
+    emulator.kill()
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
