@@ -23,8 +23,9 @@ from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding, stack
 from facellm_jax.models.config import FaceLLMConfig, TextConfig, VisionConfig
 from facellm_jax.training import step as step_lib
+from facellm_jax.training import validate
 from hf_tiny import make_hf_model
-from tiny_runs import trained_run
+from tiny_runs import tiny, trained_run
 
 CONFIG = FaceLLMConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -208,3 +209,13 @@ def test_scanned_run_restores_and_exports_the_logits_of_the_unrolled_run(tmp_pat
   # (the k-projection biases of a full run) moves by +-lr in either direction.
   tolerance = 1 if variant == "lora" else 100
   assert np.abs(logits["scanned"] - logits["unrolled"]).max() <= tolerance * RTOL * np.abs(logits["unrolled"]).max()
+
+
+def test_bad_remat_and_scan_values_are_one_line_config_errors():
+  cfg = tiny.get_config().unlock()
+  cfg.data.dir = "/data"
+  cfg.train.remat, cfg.train.scan_layers = "everything", "yes"
+  with pytest.raises(validate.ConfigError) as e:
+    validate.check_config(cfg)
+  assert "train.remat must be one of ['none', 'full', 'dots'], got 'everything'" in str(e.value)
+  assert "train.scan_layers must be true or false, got 'yes'" in str(e.value) and "\n" not in str(e.value)
