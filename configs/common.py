@@ -205,6 +205,12 @@ def base_config(trainable: str) -> ml_collections.ConfigDict:
   # Tokens per device of each LM-head + cross-entropy block: 1024 x 151674 float32 logits = 0.58 GiB
   # (InternVL3's vocabulary); 0 = whole rows at once ([rows, 2048, vocab] float32).
   cfg.train.loss_chunk = 1024
+  # Activations kept for the backward (models/stack.py): none | full (block inputs only) | dots (also
+  # the projections' matmul outputs); the size configs set their measured choice.
+  cfg.train.remat = "none"
+  # Both towers' layers as one scanned block (models/stack.py): one compiled layer instead of L.
+  # Checkpoints keep this layout; inference and export convert back to the unrolled one.
+  cfg.train.scan_layers = False
   cfg.train.seed = 0
   cfg.train.log_every = 10
 

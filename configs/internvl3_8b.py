@@ -1,7 +1,8 @@
 """FaceLLM-8B: InternVL3-8B (InternViT-300M + Qwen2.5-7B), the paper's LoRA recipe.
 
-`--config=configs/internvl3_8b.py` (= `:lora`, the paper), `:full` or `:all_but_vision` (these two
-shard parameters and optimizer state over `fsdp`: ~128 GB in float32 with Adam); set
+`--config=configs/internvl3_8b.py` (= `:lora`, the paper), `:full` or `:all_but_vision`; every
+variant shards parameters and optimizer state over `fsdp` (~128 GB in float32 with Adam for the
+two non-LoRA ones); set
 `--config.data.dir` and `--config.model.hf_checkpoint=<local OpenGVLab/InternVL3-8B-hf directory>`.
 
 Values: OpenGVLab/InternVL3-8B-hf config.json as convert_internvl_weights_to_hf.py builds it from
@@ -33,7 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                             tie_word_embeddings=False),
       image_token_id=151667)
-  cfg.train.grad_accum = 8  # 12 rows per micro-batch
-  if args.variant != "lora":
-    cfg.mesh.shape.update(dict(data=1, fsdp=-1))
+  # Measured (benchmarks/README.md, compile-only) on v5p-8: the reference batch in one micro-batch,
+  # 20 rows per chip, takes 28.8 GiB with scanned layers and remat=full (compiled in 260 s);
+  # remat=dots would need 119 GB of temporaries.
+  cfg.train.grad_accum = 1
+  cfg.train.scan_layers = True
+  cfg.train.remat = "full"
+  # LoRA too: replicated, the 15.9 GB bf16 base would sit on every chip (4 GB per chip with fsdp=4).
+  cfg.mesh.shape.update(dict(data=1, fsdp=-1))
   return cfg.lock()

@@ -3,11 +3,14 @@
 Original-layout `InternVLChatModel` directories load too, through `hf_original` in front of the table.
 
 The mapping is one table: a regex on the HF key -> our NNX parameter path + a layout transform.
-Loading fills an `nnx.eval_shape` skeleton and reports every mismatch in one error.
+Loading fills an `nnx.eval_shape` skeleton and reports every mismatch in one error. The scanned
+layout (`train.scan_layers`) goes through the same table: a per-layer path `....layers.{i}....`
+is slice i of the stacked Variable `models.stack.stacked_path` names, on import and export.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -17,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.flax import save_file
 
 from facellm_jax import hf_original
+from facellm_jax.models import stack
 from facellm_jax.models.config import FaceLLMConfig, from_hf_dict, to_hf_dict
 from facellm_jax.models.facellm import FaceLLM
 
@@ -136,22 +141,34 @@ def read_config(path: str | Path) -> FaceLLMConfig:
   return from_hf_dict(hf_original.hf_config(d, path) if hf_original.is_original(d) else d)
 
 
-def abstract_model(config: FaceLLMConfig, dtype=jnp.float32, compute_dtype=None) -> FaceLLM:
-  return nnx.eval_shape(lambda: FaceLLM(config, rngs=nnx.Rngs(0), dtype=compute_dtype or dtype, param_dtype=dtype))
+def abstract_model(config: FaceLLMConfig, dtype=jnp.float32, compute_dtype=None, *,
+                   scan_layers: bool = False) -> FaceLLM:
+  def build() -> FaceLLM:
+    model = FaceLLM(config, rngs=nnx.Rngs(0), dtype=compute_dtype or dtype, param_dtype=dtype)
+    return stack.stack(model) if scan_layers else model
+
+  return nnx.eval_shape(build)
 
 
-def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None,
-                    shardings: Any = None) -> tuple[FaceLLM, FaceLLMConfig]:
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_slice(stacked: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
+  """`stacked[index] = x`, in place (the stacked buffer is donated): one layer of a scanned load."""
+  return jax.lax.dynamic_update_index_in_dim(stacked, x.astype(stacked.dtype), index, 0)
+
+
+def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None, shardings: Any = None,
+                    scan_layers: bool = False) -> tuple[FaceLLM, FaceLLMConfig]:
   """Reads a HF InternVL directory, `-hf` or original layout (told apart by config.json), into a
-  FaceLLM with `dtype` parameters.
+  FaceLLM with `dtype` parameters (`scan_layers`: in the stacked layout of `models.stack`).
 
   `shardings`, if given, is a state-shaped tree of `NamedSharding`s (see `models.sharding`);
-  each tensor goes straight to its shards, so the full model never sits on one device.
+  each tensor goes straight to its shards, so the full model never sits on one device (a
+  stacked Variable is allocated sharded and each layer's slice written into it in place).
   """
   path = Path(path)
   config = read_config(path)
   original = hf_original.is_original(json.loads((path / "config.json").read_text()))
-  model = abstract_model(config, dtype, compute_dtype)
+  model = abstract_model(config, dtype, compute_dtype, scan_layers=scan_layers)
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
   want = {".".join(map(str, k)): v for k, v in flat.items()}
@@ -159,6 +176,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None,
   if shardings is not None:
     flat_shardings = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(shardings)}
   loaded: dict[str, jax.Array] = {}
+  slices: dict[str, set[int]] = {}  # stacked Variable -> the layers written so far
   unexpected, wrong_shape = [], []
   for file in _safetensor_files(path):
     with safe_open(str(file), framework="flax") as f:
@@ -168,21 +186,35 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None,
         mapped = _translate(_FORWARD, key)
         if key == _LM_HEAD and config.text.tie_word_embeddings:
           continue  # tied: the embedding is the head
-        if mapped is None or mapped[0] not in want:
+        target, index = (mapped[0], None) if mapped else (None, None)
+        if mapped and target not in want and stack.stacked_path(target):
+          target, index = stack.stacked_path(target)
+        if target not in want or (index is not None and index >= want[target].shape[0]):
           unexpected.append(raw_key)
           continue
-        target, transform = mapped
+        transform = mapped[1]
         var = want[target]
+        shape = tuple(var.shape) if index is None else tuple(var.shape[1:])
         x = f.get_tensor(raw_key)
-        hf_shape = _to_hf(np.empty(var.shape, np.uint8), transform).shape
+        hf_shape = _to_hf(np.empty(shape, np.uint8), transform).shape
         if tuple(x.shape) != tuple(hf_shape):
           wrong_shape.append(f"{raw_key}: checkpoint {tuple(x.shape)}, model expects {tuple(hf_shape)}")
           continue
-        x = _to_ours(x, transform, var.shape).astype(dtype)
-        if flat_shardings is not None:
-          x = jax.device_put(x, flat_shardings[target])
-        loaded[target] = x
+        x = _to_ours(x, transform, shape).astype(dtype)
+        sharding = None if flat_shardings is None else flat_shardings[target]
+        if index is None:
+          loaded[target] = x if sharding is None else jax.device_put(x, sharding)
+          continue
+        if target not in loaded:
+          loaded[target] = jnp.zeros(var.shape, dtype, device=sharding)
+          slices[target] = set()
+        if sharding is not None:
+          x = jax.device_put(x, NamedSharding(sharding.mesh, P(*sharding.spec[1:])))
+        loaded[target] = _set_slice(loaded[target], x, jnp.int32(index))
+        slices[target].add(index)
   missing = sorted(set(want) - set(loaded))
+  missing += sorted(stack.unrolled_path(t, i) for t, done in slices.items()
+                    for i in range(want[t].shape[0]) if i not in done)
   if missing or unexpected or wrong_shape:
     lines = [f"checkpoint {path} does not fit the model described by its config.json:"]
     lines += [f"  missing: {m}" for m in missing]
@@ -195,14 +227,18 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, compute_dtype=None,
 
 
 def export_state(model: FaceLLM) -> dict[str, jax.Array]:
-  """HF on-disk key -> tensor, for every parameter (LoRA must be merged first)."""
+  """HF on-disk key -> tensor, for every parameter (LoRA must be merged first), in either layout."""
   out = {}
   for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name = ".".join(map(str, key))
     if isinstance(var, nnx.LoRAParam) or "lora" in key:
       raise ValueError("merge LoRA into the base weights (models.lora.merge_lora) before exporting")
-    hf_key, transform = _translate(_BACKWARD, name)
-    out[hf_key] = _to_hf(var.get_value(), transform)
+    value = var.get_value()
+    layers = [(name, None)] if stack.unrolled_path(name, 0) is None else \
+        [(stack.unrolled_path(name, i), i) for i in range(value.shape[0])]
+    for layer_name, i in layers:
+      hf_key, transform = _translate(_BACKWARD, layer_name)
+      out[hf_key] = _to_hf(value if i is None else value[i], transform)
   return out
 
 

@@ -117,3 +117,17 @@ def test_topology_without_compile_only_is_a_flag_error(capsys, tmp_path):
 def test_compile_only_without_topology_is_one_line_and_exit_2(capsys, tmp_path):
   code, _, err = _cli(capsys, tmp_path / "w")
   assert code == 2 and "--compile_only needs --topology" in err and err.count("\n") == 1
+
+
+@needs_libtpu
+def test_scanned_layers_with_remat_compile_for_tpu(capsys, tmp_path):
+  """The scanned, rematerialized step (the size configs' defaults) compiles for a TPU topology.
+
+  (Whether it saves memory shows at real sizes only: benchmarks/README.md. At this size the
+  stacked gradients and the loss blocks outweigh the activations remat drops.)
+  """
+  code, out, _ = _cli(capsys, tmp_path / "w", "--topology=v5e:2x2", "--config.train.batch_size=8",
+                      "--config.train.scan_layers=True", "--config.train.remat=full", *SMALL)
+  report = json.loads(out.strip().splitlines()[-1])
+  assert code == 0 and report["fits"] and report["rows_per_chip"] == 2
+  assert 0 < report["bytes_per_chip"]["temporaries"] < report["hbm_per_chip"]

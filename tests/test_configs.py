@@ -19,7 +19,9 @@ from ml_collections import config_flags
 from facellm_jax import hf
 from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.models import config as config_lib
+from facellm_jax.models import sharding
 from facellm_jax.models.facellm import FaceLLM
+from facellm_jax.training import validate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SIZES = sorted(p.stem for p in CONFIGS.glob("internvl*.py"))
@@ -125,8 +127,32 @@ def test_argument_selects_what_trains(name, kind):
 def test_default_variants():
   assert load("internvl3_8b").train.trainable == "lora"
   assert load("tiny").train.trainable == "full"
-  assert load("internvl3_8b").mesh.shape.fsdp == 1
+  # LoRA shards the frozen base over fsdp too: replicated, the 15.9 GB bf16 8B base would take that
+  # much of every chip (benchmarks/README.md: 8B LoRA on v5p-8 fits its reference batch with fsdp=4).
+  assert load("internvl3_8b").mesh.shape.to_dict() == {"data": 1, "fsdp": -1, "tensor": 1}
   assert load("internvl3_8b", "full").mesh.shape.to_dict() == {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+# The slice each paper size's defaults were measured on (benchmarks/README.md), in chips:
+# v5p-8 (4 chips) for 1B and 8B, v5p-16 (8 chips) for 38B.
+STATED_CHIPS = {"internvl3_1b": 4, "internvl3_8b": 4, "internvl3_38b": 8}
+
+
+@pytest.mark.parametrize("recipe", ["reference", "ours"])
+@pytest.mark.parametrize("name", PAPER_SIZES)
+def test_default_batch_splits_over_the_stated_slice(name, recipe):
+  cfg = load(name, f"recipe={recipe}")
+  mesh = sharding.make_mesh(cfg.mesh.shape.to_dict(), jax.devices()[:STATED_CHIPS[name]])
+  assert validate.batch_split_problem(cfg.train.batch_size, cfg.train.grad_accum,
+                                      mesh.shape["data"] * mesh.shape["fsdp"]) is None
+  assert cfg.train.scan_layers and cfg.train.remat in ("none", "full", "dots")
+
+
+def test_a_batch_that_cannot_split_says_what_to_set():
+  assert validate.batch_split_problem(80, 1, 8) is None
+  assert validate.batch_split_problem(80, 4, 8).endswith("set train.grad_accum to one of [1, 2, 5, 10]")
+  message = validate.batch_split_problem(12, 12, 16)
+  assert "multiple of 16" in message and "mesh.shape.tensor" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("name, arg, words", [

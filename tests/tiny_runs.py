@@ -30,23 +30,25 @@ def offline_dataset(root: pathlib.Path, num_faces: int = 40) -> pathlib.Path:
 
 
 def trained_run(tmp_path_factory, dataset: pathlib.Path, variant: str = "lora",
-                num_steps: int = 3) -> loop.TrainResult:
-  """A run of the tiny config (2 decoder layers); once per session and variant.
+                num_steps: int = 3, scan_layers: bool = False) -> loop.TrainResult:
+  """A run of the tiny config (2 decoder layers); once per session, variant and layer layout.
 
   The result's `workdir` attribute is its workdir; `state` is what training ended with.
   """
-  if variant not in _RUNS:
+  key = (variant, scan_layers)
+  if key not in _RUNS:
     cfg = tiny.get_config(variant).unlock()
     cfg.data.dir = str(dataset)
     cfg.data.cutoff_len = 128
     cfg.model.text.num_hidden_layers = 2
     cfg.mesh.shape.data = 1
-    cfg.train.update(num_steps=num_steps, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, log_every=1)
-    workdir = tmp_path_factory.mktemp(f"{variant}_run")
+    cfg.train.update(num_steps=num_steps, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, log_every=1,
+                     scan_layers=scan_layers)
+    workdir = tmp_path_factory.mktemp(f"{variant}{'_scanned' if scan_layers else ''}_run")
     result = loop.train(cfg.lock(), workdir, show_progress=False, devices=jax.devices()[:1])
     result.workdir = workdir
-    _RUNS[variant] = result
-  return _RUNS[variant]
+    _RUNS[key] = result
+  return _RUNS[key]
 
 
 def face_png(path: pathlib.Path, seed: int) -> pathlib.Path:

@@ -44,6 +44,7 @@ from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.models import config as config_lib
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
+from facellm_jax.models import stack
 from facellm_jax.models.facellm import FaceLLM
 from facellm_jax.training import checkpoint as ckpt_lib
 from facellm_jax.training import loop
@@ -175,7 +176,7 @@ def _restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict 
   expected = {"model": json.loads(json.dumps(config_lib.to_config_dict(mc))), "trainable": trainable}
   lora = loop.lora_config(cfg)
   wrt = lora_lib.trainable_filter(trainable)
-  model = _abstract(mc, lora, DTYPES[cfg.train.compute_dtype])
+  model = _abstract(mc, lora, DTYPES[cfg.train.compute_dtype], scan_layers=cfg.train.get("scan_layers", False))
   if jax.tree.leaves(nnx.state(model, nnx.Not(wrt))):
     # Part of the model did not train: rebuild it as training did (HF weights or the seeded init), on the mesh.
     model = loop.build_model(cfg, mc, mesh)
@@ -197,17 +198,19 @@ def _restore_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict 
   step, params = ckpt_lib.restore_first_intact(manager.directory, steps, attempt, set_aside=False)
   nnx.replace_by_pure_dict(trained, params)
   nnx.update(model, trained)
-  return model, mc, lora, step
+  return stack.unstack(model), mc, lora, step  # the checkpoint's layout -> inference's unrolled one
 
 
 def _abstract(config: config_lib.FaceLLMConfig, lora: lora_lib.LoRAConfig | None, dtype,
-              param_dtype=jnp.float32) -> FaceLLM:
-  """The model's shapes only (no weights): `dtype` compute, `param_dtype` params, float32 adapters."""
+              param_dtype=jnp.float32, *, scan_layers: bool = False) -> FaceLLM:
+  """The model's shapes only (no weights): `dtype` compute, `param_dtype` params, float32 adapters;
+  `scan_layers`: the stacked layout a `train.scan_layers` run checkpoints."""
 
   def build() -> FaceLLM:
     rngs = nnx.Rngs(0)
     model = FaceLLM(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    return model if lora is None else lora_lib.apply_lora(model, lora, rngs)
+    model = model if lora is None else lora_lib.apply_lora(model, lora, rngs)
+    return stack.stack(model) if scan_layers else model
 
   return nnx.eval_shape(build)
 

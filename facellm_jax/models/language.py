@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from facellm_jax.models import stack
 from facellm_jax.models.attention import Segments
 from facellm_jax.models.config import TextConfig
 from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, dense, init_keys, param
@@ -103,7 +104,7 @@ class LanguageModel(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
     self.lm_head = (None if cfg.tie_word_embeddings else
                     param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype))
-    self.remat = False
+    self.remat = "none"  # train.remat (models/stack.py); the KV-cache path never rematerializes
 
   def embed_tokens(self, ids: Array) -> Array:
     return jnp.take(self.embed[...], ids, axis=0).astype(self.dtype)
@@ -115,12 +116,15 @@ class LanguageModel(nnx.Module):
     Without a cache the attention is causal and `mask` (`Segments` or None) only adds packing
     boundaries; with one, `mask` [B, 1, T, S] alone says which cache slots each query sees.
     """
-    new_cache = [] if cache is not None else None
-    for i, layer in enumerate(self.layers):
-      call = nnx.remat(type(layer).__call__) if self.remat and cache is None else type(layer).__call__
-      x, c = call(layer, x, positions, mask, None if cache is None else cache[i], cache_index)
-      if new_cache is not None:
-        new_cache.append(c)
+    if cache is None:
+      x = stack.run(self.layers, x, lambda layer, h: layer(h, positions, mask, None, None)[0], remat=self.remat)
+      return self.norm(x), None
+    if isinstance(self.layers, stack.Stacked):
+      raise ValueError("a KV cache needs the unrolled layers: convert with models.stack.unstack first")
+    new_cache = []
+    for layer, c in zip(self.layers, cache):
+      x, c = layer(x, positions, mask, c, cache_index)
+      new_cache.append(c)
     return self.norm(x), new_cache
 
   def logits(self, hidden: Array) -> Array:

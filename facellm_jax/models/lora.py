@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from facellm_jax.models import stack
 from facellm_jax.models.config import FaceLLMConfig
 from facellm_jax.models.layers import Linear, Rngs, init_keys
 
@@ -75,18 +76,21 @@ class LoRAAdapter(nnx.Module):
     return (h @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
 
   def delta(self) -> Array:
-    """The float32 kernel update `a @ b * scale` that `merge_lora` folds in."""
+    """The float32 kernel update `a @ b * scale` that `merge_lora` folds in ([L, in, out] when stacked)."""
     a = self.lora_a[...].astype(jnp.float32)
     b = self.lora_b[...].astype(jnp.float32)
     return (a @ b) * self.scale
 
 
-def _targets(model: nnx.Module, cfg: LoRAConfig) -> Iterator[tuple[tuple, Linear]]:
+def _targets(model: nnx.Module, cfg: LoRAConfig) -> Iterator[tuple[tuple, Linear, int | None]]:
+  """(path, Linear, layers) of every targeted Linear; `layers` is L inside a `Stacked` block, else None."""
   for name in cfg.modules:
     tower = getattr(model, name)
+    stacked = isinstance(getattr(tower, "layers", None), stack.Stacked)
     for path, node in nnx.iter_modules(tower):
       if isinstance(node, Linear) and path and path[-1] in cfg.targets:
-        yield (name, *path), node
+        inside = stacked and path[0] == "layers"
+        yield (name, *path), node, len(tower.layers) if inside else None
 
 
 def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: Rngs, *, param_dtype=jnp.float32) -> nnx.Module:
@@ -94,18 +98,39 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: Rngs, *, param_dtype=jn
 
   Adapters are float32 (`param_dtype`) even on a bfloat16 model: they are the weights that
   train, and the update is computed in the Linear's compute dtype either way. Keys come from one
-  `InitKeys` stream (see `layers.InitKeys`: one nnx draw per adapter is quadratic under tracing).
+  `InitKeys` stream (see `layers.InitKeys`: one nnx draw per adapter is quadratic under tracing),
+  drawn in the unrolled model's order in both layouts: a `Stacked` block's adapters are made
+  layer by layer (layer-major, as the unrolled walk meets them) and stacked, so a scanned model
+  gets exactly the adapters of the unrolled one.
   """
   rngs = init_keys(rngs)
   found: dict[str, int] = {t: 0 for t in cfg.targets}
-  for path, linear in list(_targets(model, cfg)):
+  targets = list(_targets(model, cfg))
+  for path, linear, _ in targets:
     if linear.lora is not None:
       raise ValueError(f"{'.'.join(map(str, path))} already has a LoRA adapter; merge_lora first")
-    axes = linear.kernel.get_metadata().get("axes", (None, None))
-    # `Linear.lora` starts as static None; `nnx.data` makes the adapter part of the state.
-    linear.lora = nnx.data(LoRAAdapter(linear.in_features, linear.out_features, rank=cfg.rank, scale=cfg.scale,
-                                       axes=axes, rngs=rngs, dtype=linear.dtype, param_dtype=param_dtype))
-    found[path[-1]] += 1
+
+  def adapter(linear: Linear, axes) -> LoRAAdapter:
+    return LoRAAdapter(linear.in_features, linear.out_features, rank=cfg.rank, scale=cfg.scale,
+                       axes=axes, rngs=rngs, dtype=linear.dtype, param_dtype=param_dtype)
+
+  i = 0
+  while i < len(targets):
+    path, linear, layers = targets[i]
+    if layers is None:
+      axes = linear.kernel.get_metadata().get("axes", (None, None))
+      # `Linear.lora` starts as static None; `nnx.data` makes the adapter part of the state.
+      linear.lora = nnx.data(adapter(linear, axes))
+      found[path[-1]] += 1
+      i += 1
+      continue
+    group = [t for t in targets[i:] if t[0][0] == path[0] and t[2] is not None]  # one Stacked block's
+    per_layer = [[adapter(lin, lin.kernel.get_metadata().get("axes", (None, None, None))[1:]) for _, lin, _ in group]
+                 for _ in range(layers)]
+    for j, (p, lin, _) in enumerate(group):
+      lin.lora = nnx.data(stack.stack_adapters([row[j] for row in per_layer]))
+      found[p[-1]] += layers
+    i += len(group)
   missing = [t for t, n in found.items() if n == 0]
   if missing:
     raise ValueError(f"LoRA targets {missing} match no Linear under {cfg.modules}; "

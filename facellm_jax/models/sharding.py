@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from facellm_jax.models import stack
 from facellm_jax.models.config import FaceLLMConfig
 from facellm_jax.models.facellm import FaceLLM
 from facellm_jax.models.lora import LoRAConfig, apply_lora
@@ -40,6 +41,7 @@ LOGICAL_RULES: Mapping[str | None, tuple[str, ...]] = {
     "vit_embed": ("fsdp",),
     "vit_mlp": ("tensor",),
     "vit_heads": ("tensor",),
+    "layers": (),  # the leading axis of scanned layers (models/stack.py): every device holds every layer
     None: (),
 }
 
@@ -130,19 +132,21 @@ def state_shardings(state: nnx.State | nnx.Module, mesh: Mesh) -> nnx.State:
 
 
 def create_model(config: FaceLLMConfig, mesh: Mesh, *, seed: int = 0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, lora: LoRAConfig | None = None) -> FaceLLM:
+                 param_dtype=jnp.float32, lora: LoRAConfig | None = None, scan_layers: bool = False) -> FaceLLM:
   """A freshly initialized model whose every parameter is born sharded on `mesh`.
 
   The init runs under `jax.jit` with `out_shardings`, so each device only ever computes and
   holds its own shards. It draws the same random numbers as an eager
   `FaceLLM(config, rngs=nnx.Rngs(seed))` (then `apply_lora` on the same rngs when `lora` is given),
-  so the weights match that build up to float32 rounding.
+  so the weights match that build up to float32 rounding; `scan_layers` then stacks both towers'
+  layers (`models.stack.stack`: the same weights, scanned layout).
   """
 
   def build() -> FaceLLM:
     rngs = nnx.Rngs(seed)
     model = FaceLLM(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    return model if lora is None else apply_lora(model, lora, rngs)
+    model = model if lora is None else apply_lora(model, lora, rngs)
+    return stack.stack(model) if scan_layers else model
 
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
   init = jax.jit(lambda: nnx.split(build())[1], out_shardings=state_shardings(abstract_state, mesh))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from facellm_jax.models import stack
 from facellm_jax.models.config import VisionConfig
 from facellm_jax.models.layers import Linear, RMSNorm, Rngs, activation, attention, init_keys, make_norm, param
 
@@ -108,6 +109,7 @@ class VisionModel(nnx.Module):
     self.cls_token = param(rngs, (d,), ("vit_embed",), param_dtype)
     self.pos_embed = param(rngs, (cfg.num_patches + 1, d), (None, "vit_embed"), param_dtype)
     self.layers = nnx.List([VisionLayer(cfg, rngs, dtype, param_dtype) for _ in range(cfg.num_hidden_layers)])
+    self.remat = "none"  # train.remat (models/stack.py)
 
   def embed(self, pixel_values: Array) -> Array:
     """NHWC pixels -> [N, 1 + patches, D]."""
@@ -126,7 +128,4 @@ class VisionModel(nnx.Module):
     """Hidden states after `feature_layer` (HF indexing: 0 = embeddings, -1 = last layer)."""
     num = len(self.layers)
     stop = feature_layer % (num + 1)
-    x = self.embed(pixel_values)
-    for layer in list(self.layers)[:stop]:
-      x = layer(x)
-    return x
+    return stack.run(self.layers, self.embed(pixel_values), lambda layer, h: layer(h), remat=self.remat, stop=stop)

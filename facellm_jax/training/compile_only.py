@@ -36,6 +36,7 @@ from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
 from facellm_jax.training import loop
 from facellm_jax.training import step as step_lib
+from facellm_jax.training import validate
 
 GiB = 2**30
 # Cloud TPU slice kind -> (libtpu's name, TensorCores per chip counted in slice names, grid rank).
@@ -231,10 +232,10 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, search: bool = False,
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(dict(cfg.mesh.shape), devices)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro, rem = divmod(cfg.train.batch_size, cfg.train.grad_accum)
-  if not search and (rem or micro % shards):
-    raise loop.ConfigError(f"train.batch_size={cfg.train.batch_size} must split into train.grad_accum="
-                           f"{cfg.train.grad_accum} micro-batches whose rows divide over data x fsdp = {shards} chips")
+  problem = validate.batch_split_problem(cfg.train.batch_size, cfg.train.grad_accum, shards)
+  if not search and problem:
+    raise loop.ConfigError(problem)
+  micro = cfg.train.batch_size // cfg.train.grad_accum
   report = {"topology": topology, "libtpu_topology": topology_name(topology), "chips": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "seq_len": cfg.data.cutoff_len,
             "grad_accum": cfg.train.grad_accum, "trainable": cfg.train.trainable,

@@ -43,6 +43,7 @@ from facellm_jax.models import attention as attention_lib
 from facellm_jax.models import config as config_lib
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
+from facellm_jax.models import stack
 from facellm_jax.training import checkpoint as ckpt_lib
 from facellm_jax.training import step as step_lib
 from facellm_jax.training import validate
@@ -80,13 +81,10 @@ def optim_config(cfg: ml_collections.ConfigDict) -> step_lib.OptimConfig:
 def _rows_per_process(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
   t = cfg.train
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro, rem = divmod(t.batch_size, t.grad_accum)
-  if rem or micro % shards or micro % jax.process_count():
-    raise ConfigError(
-        f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
-        f"micro-batches whose rows divide over data x fsdp = {shards} devices and "
-        f"{jax.process_count()} process(es)")
-  return micro // jax.process_count()
+  problem = validate.batch_split_problem(t.batch_size, t.grad_accum, shards, jax.process_count())
+  if problem:
+    raise ConfigError(problem)
+  return t.batch_size // t.grad_accum // jax.process_count()
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict, workdir: paths.Path, source, vocab_size: int):
@@ -144,19 +142,24 @@ def _read(get, what: str):
 
 def build_model(cfg: ml_collections.ConfigDict, mc: config_lib.FaceLLMConfig,
                 mesh: jax.sharding.Mesh) -> nnx.Module:
-  """The model on `mesh`, in the config's dtypes and attention kernel (random init, or the HF checkpoint)."""
+  """The train model on `mesh`: the config's dtypes, attention kernel, layer layout (`train.scan_layers`)
+  and rematerialization (`train.remat`), from a random init or the HF checkpoint."""
   platform = mesh.devices.flat[0].platform
   dtype, base, impl = _DTYPES[cfg.train.compute_dtype], base_dtype(cfg, platform), attention(cfg, platform)
   lora = lora_config(cfg)
+  scan = bool(cfg.train.get("scan_layers", False))
   path = cfg.model.get("hf_checkpoint", "")
   if not path:
-    model = sharding.create_model(mc, mesh, seed=cfg.train.seed, dtype=dtype, param_dtype=base, lora=lora)
-    return attention_lib.set_attention(model, impl)
-  abstract = hf.abstract_model(mc, base, dtype)
-  model, _ = hf.load_pretrained(path, base, compute_dtype=dtype, shardings=sharding.state_shardings(abstract, mesh))
-  if lora is not None:
-    lora_lib.apply_lora(model, lora, nnx.Rngs(cfg.train.seed))
-    sharding.shard_model(model, mesh)
+    model = sharding.create_model(mc, mesh, seed=cfg.train.seed, dtype=dtype, param_dtype=base, lora=lora,
+                                  scan_layers=scan)
+  else:
+    abstract = hf.abstract_model(mc, base, dtype, scan_layers=scan)
+    model, _ = hf.load_pretrained(path, base, compute_dtype=dtype, scan_layers=scan,
+                                  shardings=sharding.state_shardings(abstract, mesh))
+    if lora is not None:
+      lora_lib.apply_lora(model, lora, nnx.Rngs(cfg.train.seed))
+      sharding.shard_model(model, mesh)
+  stack.set_remat(model, cfg.train.get("remat", "none"))
   return attention_lib.set_attention(model, impl)
 
 

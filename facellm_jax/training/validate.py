@@ -17,6 +17,7 @@ import ml_collections
 from facellm_jax import paths
 from facellm_jax.models import attention as attention_lib
 from facellm_jax.models import lora as lora_lib
+from facellm_jax.models import stack
 from facellm_jax.training import step as step_lib
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -51,6 +52,8 @@ _RULES = {
     "train.base_dtype": (lambda v: v in ("auto", *COMPUTE_DTYPES), f"one of {['auto', *COMPUTE_DTYPES]}"),
     "train.attention": (lambda v: v in attention_lib.IMPLEMENTATIONS, f"one of {list(attention_lib.IMPLEMENTATIONS)}"),
     "train.loss_chunk": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = whole rows)"),
+    "train.remat": (lambda v: v in stack.REMAT_POLICIES, f"one of {list(stack.REMAT_POLICIES)}"),
+    "train.scan_layers": (lambda v: isinstance(v, bool), "true or false"),
     "train.seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "train.log_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "checkpoint.every_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -78,6 +81,21 @@ def _has(cfg: ml_collections.ConfigDict, key: str) -> bool:
       return False
     node = node[part]
   return True
+
+
+def batch_split_problem(batch: int, accum: int, shards: int, processes: int = 1) -> str | None:
+  """The one-line error when `batch` rows do not split into `accum` micro-batches whose rows divide
+  over `shards` data x fsdp devices and `processes` hosts (None when they do), saying what to set."""
+  micro, rem = divmod(batch, accum)
+  if not rem and micro % shards == 0 and micro % processes == 0:
+    return None
+  unit = math.lcm(shards, processes)
+  accums = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % unit == 0]
+  hint = (f"set train.grad_accum to one of {accums}" if accums else
+          f"no train.grad_accum does: set train.batch_size to a multiple of {unit}, or move chips from "
+          "mesh.shape.fsdp to mesh.shape.tensor (rows split over data x fsdp only)")
+  return (f"train.batch_size={batch} must split into train.grad_accum={accum} micro-batches whose rows divide "
+          f"over data x fsdp = {shards} devices and {processes} process(es): {hint}")
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
