@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gcs_driver import BUCKET, DENY_PORT, PORT, ROOT, gcs_env, isolate, quietly, start_servers  # pylint: disable=wrong-import-position
+from gcs_driver import BUCKET, DENY_PORT, PORT, ROOT, gcs_env, isolate, quietly, run_with_servers  # pylint: disable=wrong-import-position
 
 
 def scenarios() -> dict:
@@ -53,13 +53,7 @@ def main(argv: list[str]) -> int:
   (out / "tmp").mkdir()
   tempfile.tempdir = None  # re-read TMPDIR: the local scratch folder lands under OUT
   os.chdir(ROOT)
-  emulator = start_servers(out)
-  try:
-    results = scenarios()
-  finally:
-    emulator.kill()
-  (out / "results.json").write_text(json.dumps(results, indent=1))
-  return 0
+  return run_with_servers(out, scenarios)
 
 
 if __name__ == "__main__":

@@ -246,9 +246,14 @@ def main(argv: list[str]) -> int:
                     PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
   sys.path.insert(0, str(ROOT))
   os.chdir(ROOT)
+  return run_with_servers(out, lambda: scenarios(out, dataset, bench))
+
+
+def run_with_servers(out: pathlib.Path, scenarios_fn) -> int:
+  """Starts the servers, runs the scenarios, stops the emulator, writes OUT/results.json."""
   emulator = start_servers(out)
   try:
-    results = scenarios(out, dataset, bench)
+    results = scenarios_fn()
   finally:
     emulator.kill()
   (out / "results.json").write_text(json.dumps(results, indent=1))
