@@ -13,9 +13,14 @@ pretrained model for all three; benchmarks/README.md): target " Female" 74.3% he
 "Female (B)" 39.1%, "(B) Female" 34.6% (chance 25%), although with "(B) Female" the text after the
 letter was right for 71% of the questions: the model reads the face and has not learned to find
 its answer in the option list. Earlier, "Female (B)" after 1,000 fine-tuning steps had the letter
-right for only 54% of the questions whose text was right (teacher-forced).
+right for only 54% of the questions whose text was right (teacher-forced). With `--answer
+text_letter` (" Female (B)") after the full pretraining (1,600 steps of 64 cards) and 500
+fine-tuning steps of 32 (seed 0, 2026-12-02): the text right for 84% of the held-out questions,
+the letter after it right for 31% of those (92 of 294; chance 25%), 32.0% overall, against 86.3%
+for text targets from the same pretrained model.
 
-`python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]` writes a
+`python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]
+[--answer text|text_letter]` writes a
 TFDS dataset (the `generate` format, attribute `mcq_<task>`) with R items per (face, task) and,
 with --qa, every record of a `generate` output re-written beside them, so one dataset trains both.
 """
@@ -39,6 +44,9 @@ from facellm_jax.evaluation import facexbench
 TASKS = tuple(synth.BENCHMARK_TASKS)
 ATTRIBUTE_PREFIX = "mcq_"
 SOURCE = "mcq"
+# The assistant's reply: the option's text (" Female"), or the text then its letter
+# (" Female (B)"), which FaceXBench's extraction reads as the letter (its "(B)" pattern).
+ANSWER_FORMS = ("text", "text_letter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +68,13 @@ def _rng(seed: int, image_id: str, task: str, round_: int) -> np.random.Generato
 
 
 def make_mcq(task: str, labels: Mapping[str, str], rng: np.random.Generator,
-             image_id: str = "") -> MCQ:
-  """The benchmark's question for `task` about a face with these labels (options shuffled)."""
+             image_id: str = "", answer_form: str = "text") -> MCQ:
+  """The benchmark's question for `task` about a face with these labels (options shuffled);
+  `answer_form` is one of `ANSWER_FORMS`."""
   if task not in synth.BENCHMARK_TASKS:
     raise ValueError(f"unknown MCQ task {task!r}; expected one of {', '.join(TASKS)}")
+  if answer_form not in ANSWER_FORMS:
+    raise ValueError(f"unknown MCQ answer form {answer_form!r}; expected one of {', '.join(ANSWER_FORMS)}")
   category, sub, prepend, _ = synth.BENCHMARK_TASKS[task]
   text, answer, wrong = synth._question(task, labels, rng)  # pylint: disable=protected-access
   options = tuple(str(o) for o in rng.permutation([answer, *wrong]))
@@ -73,14 +84,14 @@ def make_mcq(task: str, labels: Mapping[str, str], rng: np.random.Generator,
       num_images="single", image_paths=(), question_text=text, options=options, correct=letter,
       answer=answer, prepend_text=prepend, postpend_text=synth._POSTPEND,  # pylint: disable=protected-access
       context=None)
-  return MCQ(task, question, f" {answer}")
+  return MCQ(task, question, f" {answer} ({letter})" if answer_form == "text_letter" else f" {answer}")
 
 
 def face_mcqs(image_id: str, labels: Mapping[str, str], seed: int, tasks: Sequence[str] = TASKS,
-              rounds: int = 1) -> list[MCQ]:
+              rounds: int = 1, answer_form: str = "text") -> list[MCQ]:
   """`rounds` draws per task for one face, each a fresh question, distractors and option order;
   deterministic in (seed, image_id, task, round)."""
-  return [make_mcq(task, labels, _rng(seed, image_id, task, r), image_id)
+  return [make_mcq(task, labels, _rng(seed, image_id, task, r), image_id, answer_form)
           for r in range(rounds) for task in tasks]
 
 
@@ -100,7 +111,8 @@ def _qa_records(qa_dir: str) -> dict[str, list[tfds_writer.QA]]:
 
 def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0,
                   tasks: Sequence[str] = TASKS, rounds: int = 1, qa_dir: str | None = None,
-                  with_cards: bool = False, progress: bool = True) -> dict[str, int]:
+                  with_cards: bool = False, progress: bool = True,
+                  answer_form: str = "text") -> dict[str, int]:
   """Writes the MCQ items of `faces` (and the QA of `qa_dir`, and with `with_cards` one
   `data_gen.cards` card per face) as one TFDS dataset, all `train`.
 
@@ -110,7 +122,7 @@ def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0
   items = []
   num_mcq = 0
   for face in tqdm(faces, desc="MCQ items", unit="face", disable=not progress):
-    mcqs = face_mcqs(face.image_id, face.labels, seed, tasks, rounds)
+    mcqs = face_mcqs(face.image_id, face.labels, seed, tasks, rounds, answer_form)
     num_mcq += len(mcqs)
     pairs = [tfds_writer.QA(ATTRIBUTE_PREFIX + m.task, m.prompt, m.target, SOURCE) for m in mcqs]
     if with_cards:
@@ -141,6 +153,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--cards", action="store_true",
                  help="add one attribute card per face (data_gen.cards)")
   p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
+  p.add_argument("--answer", choices=ANSWER_FORMS, default="text",
+                 help="the reply: the option's text, or the text then its letter (' Female (B)')")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
@@ -170,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not faces:
       raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
     counts = write_dataset(faces, args.out, seed=args.seed, tasks=tasks, rounds=args.rounds,
-                           qa_dir=args.qa, with_cards=args.cards, progress=not args.no_progress)
+                           qa_dir=args.qa, with_cards=args.cards, progress=not args.no_progress,
+                           answer_form=args.answer)
   except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
     print(f"mcq: error: {e}", file=sys.stderr)
     return 2

@@ -279,3 +279,22 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(world,
     assert COMMANDS["generate"](world, out) == 2
   assert "another run is already writing to" in _one_error_line(capsys)
   assert COMMANDS["generate"](world, out) == 0  # released: the next run goes ahead
+
+
+def test_mcq_answer_text_letter_writes_the_text_then_its_letter(world, tmp_path, capsys):
+  from facellm_jax.evaluation import facexbench  # pylint: disable=g-import-not-at-top
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
+
+  out = tmp_path / "out"
+  assert mcq.main([*_labels(world), "--out", str(out), "--answer", "text_letter", "--no-progress"]) == 0
+  source = pipeline.open_tfds_source(out)
+  assert len(source) > 0
+  for i in range(len(source)):
+    prompt, target = (pipeline._text(source[i][k]) for k in ("question", "answer"))
+    options = [line[4:] for line in prompt.splitlines() if line[:1] == "(" and line[2:4] == ") "]
+    text, letter = target.rsplit(" (", 1)
+    assert letter[1:] == ")" and options["ABCD".index(letter[0])] == text.strip()
+    assert facexbench.extract_answer(target, options) == letter[0]
+  capsys.readouterr()
+  assert mcq.main([*_labels(world), "--out", str(tmp_path / "o2"), "--answer", "letter"]) == 2
+  assert "--answer" in _one_error_line(capsys)
