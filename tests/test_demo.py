@@ -54,13 +54,14 @@ def _truth(task, labels, answer_text):
   raise AssertionError(task)
 
 
-def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_label(world):
+@pytest.mark.parametrize("answer_form", mcq.ANSWER_FORMS)
+def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_label(world, answer_form):
   root, faces = world
   benchmark = {q.task: q for q in facexbench.load_benchmark(root / "benchmark")}
   templates = {t: set(v[3]) for t, v in synth.BENCHMARK_TASKS.items()}
   letters = collections.Counter()
   for face in faces:
-    for item in mcq.face_mcqs(face.image_id, face.labels, SEED, rounds=3):
+    for item in mcq.face_mcqs(face.image_id, face.labels, SEED, rounds=3, answer_form=answer_form):
       ref = benchmark[synth.BENCHMARK_TASKS[item.task][1]]
       q = item.question
       assert q.question_text in templates[item.task]
@@ -76,9 +77,15 @@ def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_lab
       assert len(q.options) == 4 and len(set(q.options)) == 4
       truth = _truth(item.task, face.labels, q.answer)
       assert q.options[facexbench.LETTERS.index(q.correct)] == truth == q.answer
-      # The target names the option; the benchmark's extraction (its option-text rule, as no
-      # letter pattern matches) maps it to the right letter, whatever the order and distractors.
-      assert item.target == f" {q.answer}"
+      if answer_form == "text":
+        # The target names the option; the benchmark's extraction (its option-text rule, as no
+        # letter pattern matches) maps it to the right letter, whatever the order and distractors.
+        assert item.target == f" {q.answer}"
+      else:
+        # The option's text, then its letter, which the extraction's letter patterns read: the
+        # same letter with the option texts hidden from it.
+        assert item.target == f" {q.answer} ({q.correct})"
+        assert facexbench.extract_answer(item.target, ["w", "x", "y", "z"]) == q.correct
       assert facexbench.extract_answer(item.target, q.options) == q.correct
       letters[q.correct] += 1
   assert set(letters) == set(facexbench.LETTERS)  # options are shuffled
@@ -206,6 +213,23 @@ def test_the_demo_trains_answers_the_benchmark_extraction_reads(smoke):
   assert checked == demo.SMOKE.faces * len(mcq.TASKS)
 
 
+def test_the_demo_tokenizer_spends_one_token_on_each_chat_role(smoke):
+  """Every row carries the template's role names: one token each, not one per few letters."""
+  from facellm_jax.input import template  # pylint: disable=g-import-not-at-top
+  from facellm_jax.input import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+
+  tokenizer = tok_lib.load_tokenizer(smoke[0] / "tokenizer")
+  assert [len(tokenizer.encode(role)) for role in template.ROLES] == [1] * len(template.ROLES)
+
+
+def test_mcq_answer_flag_reaches_the_settings():
+  assert demo._parse(["--mcq-answer", "text_letter"]).settings.mcq_answer == "text_letter"
+  assert demo._parse([]).settings.mcq_answer == "text"
+  assert demo._parse(["--smoke"]).settings == demo.SMOKE
+  with pytest.raises(SystemExit):
+    demo._parse(["--mcq-answer", "letter"])
+
+
 def test_the_demo_draws_its_picture(smoke):
   workdir, _ = smoke
   report = json.loads((workdir / demo.REPORT_FILE).read_text())
@@ -252,7 +276,7 @@ def test_sigterm_in_training_saves_and_a_rerun_continues(smoke, tmp_path, capsys
   """SIGTERM (or Ctrl-C) mid-fine-tuning: the demo exits 143 with the checkpoint saved, and the
   same command continues from it to the end, past the stages already done."""
   workdir, _ = smoke
-  steps = 100  # far more than the steps before the signal lands
+  steps = 30  # more than the steps before the signal lands
   other = tmp_path / "w"
   fine_tuning = {"train", "eval", demo.REPORT_FILE, demo.PICTURE_FILE}  # what this test redoes
   shutil.copytree(workdir, other,
@@ -280,16 +304,18 @@ def test_sigterm_in_training_saves_and_a_rerun_continues(smoke, tmp_path, capsys
   assert json.loads((other / demo.REPORT_FILE).read_text())["train"]["steps"] == steps
 
 
-def test_a_gs_workdir_gets_training_eval_report_and_picture_and_resumes(tmp_path):
+def test_a_gs_workdir_gets_training_eval_report_and_picture_and_resumes(smoke, tmp_path):
   """`--workdir gs://...` against the GCS emulator (tests/demo_gcs_driver.py, in a network
   namespace with only loopback): the bucket gets the fine-tuning, evaluation, report and
-  picture, the scratch stages stay local, a rerun trains nothing, errors are one line."""
+  picture, the scratch stages (seeded from the smoke run) stay local, a rerun trains nothing,
+  errors are one line."""
   from test_gcs_workdir import ROOT, _unshare_refused  # pylint: disable=g-import-not-at-top
 
   reason = _unshare_refused()
   if reason:
     pytest.skip(f"needs a network namespace with only loopback for the GCS emulator: {reason}")
-  done = subprocess.run(["unshare", "-n", sys.executable, "tests/demo_gcs_driver.py", str(tmp_path)],
+  driver = ["unshare", "-n", sys.executable, "tests/demo_gcs_driver.py", str(tmp_path), str(smoke[0])]
+  done = subprocess.run(driver,
                         cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1200)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   r = json.loads((tmp_path / "results.json").read_text())
