@@ -214,7 +214,7 @@ def _items(workdir: Path, s: Settings, faces) -> dict[str, int]:
 def _tokenizer(workdir: Path, faces, vocab_size: int) -> dict[str, int]:
   """One tokenizer for both stages: the fine-tuning data's texts plus the first 2,000 faces' cards
   once more (the pretraining data, weighted up), and the chat template's role names, which every
-  row carries (one token each instead of 3 and 7: rows 8 tokens shorter)."""
+  row carries (one token each instead of 3 and 7: rows 7 tokens shorter)."""
   from data_gen import cards  # pylint: disable=g-import-not-at-top
   from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top
   from facellm_jax.input import template  # pylint: disable=g-import-not-at-top
