@@ -7,11 +7,13 @@ Times each piece alone, in one process, on the demo's own data, tokenizer and co
   loop's 2 read threads;
 - `compile`: the first call of the jitted train step; `step`: a steady step on one fixed batch
   (device time, blocked on);
-- `loop_save_call`: what the loop pays every step before the checkpoint's "is it due" test
-  (`nnx.merge`, `to_pure_dict`, the iterator's state); `checkpoint`: one save, waited for;
+- `loop_save_call`: what building a checkpoint's state costs (`nnx.merge`, `to_pure_dict`, the
+  iterator's state; the loop now pays it only when a save is due); `checkpoint`: one save, waited for;
 - `eval_batch`: one greedy generation batch of the demo's eval batch size (first call, steady).
 Wall and process-CPU seconds each (CPU counts every thread). Prints one JSON object. On a shared
 box compare the pieces with each other (ratios), not across runs; `uptime` goes with the numbers.
+`--pretrain-config/--config/--batch-sizes` time another recipe's steps on the same workdir, e.g. an
+older commit's config files (`git show REV:configs/demo.py > configs/demo_old.py`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def profile_stage(cfg, repeats: int) -> dict:
   mc = loop.model_config(cfg)
   dataset = pipeline.make_dataset(source, tokenizer, image_size=mc.vision.image_size,
                                   num_image_tokens=mc.image_seq_length, seq_len=cfg.data.cutoff_len,
-                                  batch_size=cfg.train.batch_size, packing=cfg.data.packing, seed=0)
+                                  batch_size=cfg.train.batch_size, packing=cfg.data.packing, seed=0,
+                                  max_images_per_row=cfg.data.max_images_per_row or None)
   it = iter(dataset)
   for _ in range(3):  # the read threads' prefetch fills up first
     next(it)
@@ -101,6 +104,8 @@ def profile_stage(cfg, repeats: int) -> dict:
     out["checkpoint"] = _time(checkpoint, 3)
     ckpt.close()
   out["tokens_per_step"] = cfg.train.batch_size * cfg.data.cutoff_len
+  # Segments are numbered 1..k within a row: a row's max is its number of packed examples.
+  out["examples_per_step"] = int(np.sum(np.max(batch_np["segment_ids"], axis=-1)))
   return out
 
 
@@ -126,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--workdir", required=True, type=pathlib.Path,
                  help="a demo workdir with its data, cards, tokenizer and pretrain/hf")
   p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--pretrain-config", default=str(demo.DEFAULT_PRETRAIN_CONFIG),
+                 help="pretraining config file (default: the demo's), e.g. an older recipe's")
+  p.add_argument("--config", default=str(demo.DEFAULT_CONFIG),
+                 help="fine-tuning config file (default: the demo's)")
+  p.add_argument("--batch-sizes", type=int, nargs=2, metavar=("PRETRAIN", "FINE_TUNE"),
+                 help="rows per step of each stage (default: the workdir's settings)")
   args = p.parse_args(argv)
   if not (args.workdir / "pretrain" / "hf" / "config.json").is_file():
     print(f"demo_profile: error: {args.workdir} has no pretrain/hf yet; run facellm-demo there first",
@@ -133,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   s = demo.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in
                        json.loads((args.workdir / demo.SETTINGS_FILE).read_text()).items()})
-  pre = demo.stage_config(str(demo.DEFAULT_PRETRAIN_CONFIG), args.workdir, s, data="cards",
-                          steps=s.pretrain_steps, batch_size=s.pretrain_batch_size)
-  fine = demo.stage_config(str(demo.DEFAULT_CONFIG), args.workdir, s, data="data", steps=s.steps,
-                           batch_size=s.batch_size, init=str(args.workdir / "pretrain" / "hf"))
+  pre_rows, fine_rows = args.batch_sizes or (s.pretrain_batch_size, s.batch_size)
+  pre = demo.stage_config(args.pretrain_config, args.workdir, s, data="cards",
+                          steps=s.pretrain_steps, batch_size=pre_rows)
+  fine = demo.stage_config(args.config, args.workdir, s, data="data", steps=s.steps,
+                           batch_size=fine_rows, init=str(args.workdir / "pretrain" / "hf"))
   result = {"uptime": os.getloadavg(), "cpus": os.cpu_count(),
             "pretrain": profile_stage(pre, args.repeats), "train": profile_stage(fine, args.repeats),
             "eval": profile_eval(args.workdir, s)}

@@ -185,6 +185,9 @@ def base_config(trainable: str) -> ml_collections.ConfigDict:
   cfg.data.split = "train"
   cfg.data.cutoff_len = 2048  # tokens per row: train.sh --cutoff_len 2048
   cfg.data.packing = False  # train.sh --packing False
+  # Image slots per row when packing (the vision tower runs on every slot, filled or not);
+  # 0 = as many as the shortest examples could need, so only tokens limit the packing.
+  cfg.data.max_images_per_row = 0
   cfg.data.system_prompt = ""  # system message of every training example; '' = none
 
   cfg.train = ml_collections.ConfigDict()

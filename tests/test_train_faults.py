@@ -202,6 +202,7 @@ def test_ctrl_c_of_the_cli_saves_and_exits_130_with_the_resume_message(offline_d
     ("checkpoint.every_steps=0", "checkpoint.every_steps"),
     ("checkpoint.keep=0", "checkpoint.keep"),
     ("data.cutoff_len=0", "data.cutoff_len"),
+    ("data.max_images_per_row=-1", "data.max_images_per_row"),
     ("mesh.shape.fsdp=0", "mesh.shape"),
 ])
 def test_every_bad_config_value_is_one_line_naming_its_key_before_anything_is_written(

@@ -166,9 +166,13 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step)` saves without `force`: callers skip building its state dicts if not."""
+    return step % self.every_steps == 0
+
   def save(self, step: int, params: Any, opt_state: Any, data_state: Any, *, force: bool = False) -> bool:
     """Starts an async save when `step` is due (or `force`); True if one started."""
-    if not force and step % self.every_steps:
+    if not force and not self.due(step):
       return False
     if step in self.manager.all_steps():
       return False

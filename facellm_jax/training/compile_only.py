@@ -105,6 +105,8 @@ def _images_per_row(cfg: ml_collections.ConfigDict, image_tokens: int) -> int:
   """Image slots M per row, as `pipeline.make_dataset` chooses them for the training loop."""
   if not cfg.data.packing:
     return 1
+  if cfg.data.get("max_images_per_row", 0):
+    return cfg.data.max_images_per_row
   return max(cfg.data.cutoff_len // (image_tokens + pipeline._MIN_TEXT_TOKENS), 1)  # pylint: disable=protected-access
 
 

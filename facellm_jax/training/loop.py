@@ -296,6 +296,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
   dataset = pipeline.make_dataset(
       source, tokenizer, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
       seq_len=cfg.data.cutoff_len, batch_size=rows, packing=cfg.data.packing, seed=t.seed,
+      max_images_per_row=cfg.data.get("max_images_per_row", 0) or None,
       system_prompt=cfg.data.get("system_prompt", ""))
   iterator = iter(dataset)
 
@@ -341,6 +342,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
                                         lora=lora_config(cfg))
 
   def save(step: int, force: bool = False) -> None:
+    if not (force or ckpt.due(step)):  # merging and flattening the state cost ~2% of a demo step
+      return
     model, optimizer = nnx.merge(graphdef, state)
     ckpt.save(step, nnx.to_pure_dict(nnx.state(model, wrt)), nnx.to_pure_dict(nnx.state(optimizer)),
               iterator.get_state(), force=force)

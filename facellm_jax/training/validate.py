@@ -41,6 +41,7 @@ def _is_number(v: Any) -> bool:
 _RULES = {
     "data.cutoff_len": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data.split": (lambda v: isinstance(v, str) and v != "", "a split name such as 'train'"),
+    "data.max_images_per_row": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = by the tokens)"),
     "train.num_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "train.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.grad_accum": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
