@@ -5,14 +5,17 @@ an MCQ or a free-text answer most target tokens are predictable from the text al
 the letter lookup, the phrasing), and a tiny model trained on them from scratch learns the text
 first and the face late: measured on the demo's benchmark, 1,500 steps of QA + MCQ left gender,
 expression and head pose at chance. A card states every benchmark factor in one short line, in
-the benchmark's own option words:
+the benchmark's own option words, in a fixed order and nothing else:
 
-  "Age 20-29; Female; Black; happy; head pose frontal; eyeglasses No; No facial hair; sharp;
-  JPEG quality high."
+  "20-29 Female Black happy frontal No No facial hair sharp high."
 
-so each example supervises all of them, and the same tiny model reads them all within a few
-hundred steps. The cards stand in for the pretraining an InternVL checkpoint already has; the
-FaceLLM stage (QA + MCQ) then starts from that checkpoint, as the paper's starts from InternVL3.
+(age, gender, race, expression, head pose, eyeglasses, facial hair, sharpness, JPEG quality), so
+each example supervises all of them, and the same tiny model reads them all within a few hundred
+steps. The order names each slot, so no word is spent on it: with "Age ...; head pose ...;
+eyeglasses ...; JPEG quality ..." and separators a card row was 51 tokens of the demo's
+tokenizer, now 36 (at most 37), and a pretraining step costs what its tokens cost. The cards
+stand in for the pretraining an InternVL checkpoint already has; the FaceLLM stage (QA + MCQ)
+then starts from that checkpoint, as the paper's starts from InternVL3.
 
 `python -m data_gen cards --labels CSV --images ROOT --out OUT` writes a TFDS dataset (the
 `generate` format, attribute `card`), one record per face.
@@ -40,10 +43,9 @@ _YES_NO = {"yes": "Yes", "no": "No"}
 def card(labels: Mapping[str, str]) -> str:
   """The caption of one face: every benchmark factor, in a fixed order."""
   try:
-    return (f"Age {labels['age']}; {labels['gender']}; {labels['race']}; {labels['expression']}; "
-            f"head pose {labels['head_pose']}; eyeglasses {_YES_NO[labels['eyeglasses']]}; "
-            f"{_FACIAL_HAIR[labels['facial_hair']]}; {labels['sharpness']}; "
-            f"JPEG quality {labels['jpeg_quality']}.")
+    return (f"{labels['age']} {labels['gender']} {labels['race']} {labels['expression']} "
+            f"{labels['head_pose']} {_YES_NO[labels['eyeglasses']]} "
+            f"{_FACIAL_HAIR[labels['facial_hair']]} {labels['sharpness']} {labels['jpeg_quality']}.")
   except KeyError as e:
     raise ValueError(f"a card needs the synthetic world's labels; {e} is missing or unknown "
                      f"(write the faces with `python -m data_gen synth`)") from None

@@ -61,8 +61,8 @@ class Settings:
   # measured it cost expression and head pose (benchmarks/README.md, demo section).
   pretrain_steps: int = 1200
   pretrain_batch_size: int = 64
-  steps: int = 500  # the pretrained model reads the faces; this teaches the benchmark's format
-  batch_size: int = 32
+  steps: int = 340  # the pretrained model reads the faces; this teaches the benchmark's format
+  batch_size: int = 16  # rows of 208 tokens, ~3 packed examples each (configs/demo.py)
   seed: int = 0
   image_size: int = 112
   eval_batch_size: int = 50
@@ -326,8 +326,8 @@ def run(workdir: paths.PathLike, s: Settings, config_spec: str = str(DEFAULT_CON
   data |= _tokenizer(local, faces, pre_cfg.model.text.vocab_size)
   pretrain = timer.run(4, "pretrain", f"pretrain on cards: {s.pretrain_steps} steps of "
                        f"{s.pretrain_batch_size}", _train, local / "pretrain", pre_cfg, pretrained)
-  train = timer.run(5, "train", f"fine-tune on QA, MCQ and cards: {s.steps} steps of {s.batch_size}",
-                    _train, workdir / "train", cfg)
+  train = timer.run(5, "train", f"fine-tune on QA, MCQ and cards: {s.steps} steps of "
+                    f"{s.batch_size} packed rows", _train, workdir / "train", cfg)
   from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
 
   model, mc, tokenizer = load.load_for_inference(workdir=workdir / "train")

@@ -126,8 +126,8 @@ def test_a_card_names_every_benchmark_factor_in_the_option_words(world, tmp_path
       for item in mcq.face_mcqs(face.image_id, face.labels, SEED, tasks=[task], rounds=4):
         assert item.question.answer in text, (task, item.question.answer, text)
   labels = dict(faces[0].labels, age="20-29", gender="Female", eyeglasses="yes", facial_hair="none")
-  assert cards.card(labels).startswith("Age 20-29; Female; ")
-  assert "eyeglasses Yes; No facial hair;" in cards.card(labels)
+  assert cards.card(labels).startswith("20-29 Female ")
+  assert " Yes No facial hair " in cards.card(labels)
   with pytest.raises(ValueError, match="synthetic world's labels"):
     cards.card({"age": "20-29", "gender": "Female", "race": "White"})
   assert cards.main(["--labels", str(root / "faces" / "labels.csv"), "--images", str(root / "faces"),
@@ -221,6 +221,33 @@ def test_the_demo_tokenizer_spends_one_token_on_each_chat_role(smoke):
   tokenizer = tok_lib.load_tokenizer(smoke[0] / "tokenizer")
   assert [len(tokenizer.encode(role)) for role in template.ROLES] == [1] * len(template.ROLES)
 
+
+
+def test_every_row_fits_its_stage_and_the_fine_tuning_packs_about_three_a_row(smoke):
+  """The cutoffs hold every row (the pipeline would skip the rest), and the packed fine-tuning rows
+  hold several items each, never more than the image slots the vision tower runs on."""
+  from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top
+  from facellm_jax.input import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = smoke[0]
+  tokenizer = tok_lib.load_tokenizer(workdir / "tokenizer")
+  pre = load.load_config_file(str(demo.DEFAULT_PRETRAIN_CONFIG))
+  fine = load.load_config_file(str(demo.DEFAULT_CONFIG))
+  kw = dict(tokenizer=tokenizer, image_size=56, num_image_tokens=1, seq_len=512)
+  lengths = {}
+  for data in ("cards", "data"):
+    source = pipeline.open_tfds_source(workdir / data)
+    lengths[data] = [len(pipeline.record_to_example(source[i], **kw)["input_ids"])
+                     for i in range(len(source))]
+  assert not pre.data.packing and max(lengths["cards"]) <= pre.data.cutoff_len, max(lengths["cards"])
+  assert max(lengths["data"]) <= fine.data.cutoff_len
+  batch = next(iter(pipeline.make_dataset(
+      source, tokenizer, image_size=56, num_image_tokens=1, seq_len=fine.data.cutoff_len, batch_size=4,
+      packing=True, max_images_per_row=fine.data.max_images_per_row)))
+  per_row = batch["segment_ids"].max(axis=-1)
+  assert per_row.mean() >= 2.5 and per_row.max() <= fine.data.max_images_per_row, per_row
+  assert np.array_equal(batch["num_images"], per_row)
 
 def test_mcq_answer_flag_reaches_the_settings():
   assert demo._parse(["--mcq-answer", "text_letter"]).settings.mcq_answer == "text_letter"
