@@ -222,7 +222,6 @@ def test_the_demo_tokenizer_spends_one_token_on_each_chat_role(smoke):
   assert [len(tokenizer.encode(role)) for role in template.ROLES] == [1] * len(template.ROLES)
 
 
-
 def test_every_row_fits_its_stage_and_the_fine_tuning_packs_about_three_a_row(smoke):
   """The cutoffs hold every row (the pipeline would skip the rest), and the packed fine-tuning rows
   hold several items each, never more than the image slots the vision tower runs on."""
@@ -248,6 +247,7 @@ def test_every_row_fits_its_stage_and_the_fine_tuning_packs_about_three_a_row(sm
   per_row = batch["segment_ids"].max(axis=-1)
   assert per_row.mean() >= 2.5 and per_row.max() <= fine.data.max_images_per_row, per_row
   assert np.array_equal(batch["num_images"], per_row)
+
 
 def test_mcq_answer_flag_reaches_the_settings():
   assert demo._parse(["--mcq-answer", "text_letter"]).settings.mcq_answer == "text_letter"
