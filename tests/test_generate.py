@@ -187,7 +187,8 @@ def test_refused_are_final_and_failed_are_retried_on_rerun(world, tmp_path):
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(world, uninterrupted, tmp_path):
   out = tmp_path / "out"
   cmd = [sys.executable, "-m", "data_gen", "generate",
-         *_args(world, out, "--val-fraction", "0.3", "--offline-delay", "0.1")]
+         *_args(world, out, "--val-fraction", "0.3", "--offline-delay", "0.2",
+                 "--concurrency", "2")]  # ~5 s in all: the kill lands mid-run on a loaded box
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 60
   while time.time() < deadline and proc.poll() is None:
@@ -533,7 +534,9 @@ def test_a_run_with_some_failures_completes_and_names_their_cause(world, tmp_pat
 
 def test_ctrl_c_says_how_much_of_the_run_is_journaled_and_the_rerun_finishes(world, tmp_path):
   out = tmp_path / "out"
-  cmd = [sys.executable, "-m", "data_gen", "generate", *_args(world, out, "--offline-delay", "0.1")]
+  # 2 in flight x 0.2 s: ~5 s for the 48 requests, so the signal lands mid-run even on a loaded box.
+  cmd = [sys.executable, "-m", "data_gen", "generate",
+         *_args(world, out, "--offline-delay", "0.2", "--concurrency", "2")]
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 60
   while time.time() < deadline and _journal_rows(out) < 5:
