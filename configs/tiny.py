@@ -24,8 +24,9 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 IMG_CONTEXT_ID = 5  # index of "<IMG_CONTEXT>" in facellm_jax.input.tokenizer.SPECIAL_TOKENS
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, variant="full", vocab=1024)
+def get_config(arg: str | None = None, variant: str = "full") -> ml_collections.ConfigDict:
+  """`variant`: the trainable kind when `arg` names none (files built on this one set theirs)."""
+  args = common.parse_arg(arg, variant=variant, vocab=1024)
   cfg = common.base_config(args.variant)
   cfg.model = common.model_block(
       vision=dict(common.INTERNVIT_300M, hidden_size=64, intermediate_size=256,

@@ -7,15 +7,17 @@ first and the face late: measured on the demo's benchmark, 1,500 steps of QA + M
 expression and head pose at chance. A card states every benchmark factor in one short line, in
 the benchmark's own option words, in a fixed order and nothing else:
 
-  "20-29 Female Black happy frontal No No facial hair sharp high."
+  "happy sharp high 20-29 Female Black frontal No No facial hair."
 
-(age, gender, race, expression, head pose, eyeglasses, facial hair, sharpness, JPEG quality), so
-each example supervises all of them, and the same tiny model reads them all within a few hundred
-steps. The order names each slot, so no word is spent on it: with "Age ...; head pose ...;
-eyeglasses ...; JPEG quality ..." and separators a card row was 51 tokens of the demo's
-tokenizer, now 36 (at most 37), and a pretraining step costs what its tokens cost. The cards
-stand in for the pretraining an InternVL checkpoint already has; the FaceLLM stage (QA + MCQ)
-then starts from that checkpoint, as the paper's starts from InternVL3.
+(expression, sharpness, JPEG quality, age, gender, race, head pose, eyeglasses, facial hair), so
+each example supervises all of them. The order names each slot, so no word is spent on it: with
+"Age ...; head pose ...; eyeglasses ...; JPEG quality ..." and separators a card row was 51 tokens
+of the demo's tokenizer, now 36 (at most 37), and a pretraining step costs what its tokens cost.
+The order itself matters: a decoder learning to read the one image token learns the slots nearest
+the image first (from the demo's vision checkpoint, after 150 steps: expression 0.20 of training
+faces right in slot 4, 0.78 in slot 1), so the factors it read last come first. The cards stand
+in for the pretraining an InternVL checkpoint already has; the FaceLLM stage (QA + MCQ) then
+starts from that checkpoint, as the paper's starts from InternVL3.
 
 `python -m data_gen cards --labels CSV --images ROOT --out OUT` writes a TFDS dataset (the
 `generate` format, attribute `card`), one record per face.
@@ -43,9 +45,9 @@ _YES_NO = {"yes": "Yes", "no": "No"}
 def card(labels: Mapping[str, str]) -> str:
   """The caption of one face: every benchmark factor, in a fixed order."""
   try:
-    return (f"{labels['age']} {labels['gender']} {labels['race']} {labels['expression']} "
-            f"{labels['head_pose']} {_YES_NO[labels['eyeglasses']]} "
-            f"{_FACIAL_HAIR[labels['facial_hair']]} {labels['sharpness']} {labels['jpeg_quality']}.")
+    return (f"{labels['expression']} {labels['sharpness']} {labels['jpeg_quality']} "
+            f"{labels['age']} {labels['gender']} {labels['race']} {labels['head_pose']} "
+            f"{_YES_NO[labels['eyeglasses']]} {_FACIAL_HAIR[labels['facial_hair']]}.")
   except KeyError as e:
     raise ValueError(f"a card needs the synthetic world's labels; {e} is missing or unknown "
                      f"(write the faces with `python -m data_gen synth`)") from None

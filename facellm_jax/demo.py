@@ -3,8 +3,8 @@
   synthesize faces (and a held-out FaceXBench-format benchmark of other faces)
   -> generate attribute QA with the offline backend, plus MCQ-style items (`data_gen.mcq`) and
      one attribute card per face (`data_gen.cards`)
-  -> pretrain a tiny InternVL from scratch on the cards (`configs/demo_pretrain.py`) and export
-     it as an HF checkpoint
+  -> pretrain a tiny InternVL's vision tower on the faces' labels (`facellm_jax.demo_vision`), then
+     the whole model on the cards (`configs/demo_pretrain.py`), and export it as an HF checkpoint
   -> fine-tune that checkpoint on the QA, MCQ items and cards, as FaceLLM fine-tunes InternVL3
      (`configs/demo.py`)
   -> evaluate on the held-out benchmark with FaceXBench's own prompt and answer extraction
@@ -59,7 +59,9 @@ class Settings:
   mcq_answer: str = "text"  # the MCQ items' reply (data_gen.mcq.ANSWER_FORMS)
   # Fewer rows per step would cut the time (the step's matmuls are the demo's time), but
   # measured it cost expression and head pose (benchmarks/README.md, demo section).
-  pretrain_steps: int = 1200
+  vision_steps: int = 400  # the tower and projector alone, linear heads (demo_vision)
+  vision_batch_size: int = 64
+  pretrain_steps: int = 600
   pretrain_batch_size: int = 64
   steps: int = 340  # the pretrained model reads the faces; this teaches the benchmark's format
   batch_size: int = 16  # rows of 208 tokens, ~3 packed examples each (configs/demo.py)
@@ -70,7 +72,7 @@ class Settings:
   chat_max_new_tokens: int = 40
 
 
-SMOKE = Settings(faces=16, benchmark_num=2, pretrain_steps=2, pretrain_batch_size=8, steps=3,
+SMOKE = Settings(faces=16, benchmark_num=2, vision_steps=2, vision_batch_size=8, pretrain_steps=2, pretrain_batch_size=8, steps=3,
                  batch_size=8, eval_batch_size=8)
 
 
@@ -89,6 +91,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="pretraining config file[:arg] (default: configs/demo_pretrain.py)")
   p.add_argument("--seed", type=int, help=f"world, data order and init seed, >= 0 ({Settings.seed})")
   p.add_argument("--faces", type=int, help=f"training faces ({Settings.faces})")
+  p.add_argument("--vision-steps", type=int,
+                 help=f"vision pretraining steps on the labels ({Settings.vision_steps})")
   p.add_argument("--pretrain-steps", type=int,
                  help=f"pretraining steps on the cards ({Settings.pretrain_steps})")
   p.add_argument("--steps", type=int, help=f"fine-tuning steps ({Settings.steps})")
@@ -102,6 +106,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   base = SMOKE if args.smoke else Settings()
   overrides = {k: v for k, v in (("seed", args.seed), ("faces", args.faces), ("steps", args.steps),
                                  ("pretrain_steps", args.pretrain_steps),
+                                 ("vision_steps", args.vision_steps),
                                  ("benchmark_num", args.benchmark_num)) if v is not None}
   for key, value in overrides.items():
     if value < (0 if key == "seed" else 1):
@@ -146,7 +151,7 @@ class _Timer:
     self.stages: dict[str, dict[str, float]] = {}
 
   def run(self, number: int, name: str, title: str, fn: Callable, *args, **kwargs):
-    print(f"\n[{number}/8] {title}", file=sys.stderr, flush=True)
+    print(f"\n[{number}/9] {title}", file=sys.stderr, flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
     self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 1),
@@ -252,6 +257,18 @@ def stage_config(config_spec: str, workdir: Path, s: Settings, *, data: str, ste
   return cfg.lock()
 
 
+def _vision(local: Path, s: Settings, faces, pretrain_spec: str) -> dict[str, object]:
+  """The tower's own pretraining, with the pretraining config's model and learning rate."""
+  from facellm_jax import demo_vision  # pylint: disable=g-import-not-at-top
+  from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  cfg = stage_config(pretrain_spec, local, s, data="cards", steps=s.vision_steps,
+                     batch_size=s.vision_batch_size)
+  return dict(demo_vision.run(faces, local / "vision", loop.model_config(cfg),
+                              steps=s.vision_steps, batch_size=s.vision_batch_size,
+                              learning_rate=cfg.train.learning_rate, seed=s.seed))
+
+
 def _train(workdir: paths.PathLike, cfg, export_to: Path | None = None) -> dict[str, float]:
   from facellm_jax import export  # pylint: disable=g-import-not-at-top
   from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -311,9 +328,9 @@ def run(workdir: paths.PathLike, s: Settings, config_spec: str = str(DEFAULT_CON
   _check_workdir(workdir, s)
   local = scratch_dir(workdir)
   local.mkdir(parents=True, exist_ok=True)
-  pretrained = local / "pretrain" / "hf"
+  vision, pretrained = local / "vision", local / "pretrain" / "hf"
   pre_cfg = stage_config(pretrain_spec, local, s, data="cards", steps=s.pretrain_steps,
-                         batch_size=s.pretrain_batch_size)
+                         batch_size=s.pretrain_batch_size, init=str(vision / "hf"))
   cfg = stage_config(config_spec, local, s, data="data", steps=s.steps, batch_size=s.batch_size,
                      init=str(pretrained))
   timer = _Timer()
@@ -324,16 +341,18 @@ def run(workdir: paths.PathLike, s: Settings, config_spec: str = str(DEFAULT_CON
                     local, s, faces)
   data |= timer.run(3, "items", "MCQ-style items and attribute cards", _items, local, s, faces)
   data |= _tokenizer(local, faces, pre_cfg.model.text.vocab_size)
-  pretrain = timer.run(4, "pretrain", f"pretrain on cards: {s.pretrain_steps} steps of "
+  vision_stage = timer.run(4, "vision", f"pretrain the vision tower on the labels: {s.vision_steps} "
+                           f"steps of {s.vision_batch_size}", _vision, local, s, faces, pretrain_spec)
+  pretrain = timer.run(5, "pretrain", f"pretrain on cards: {s.pretrain_steps} steps of "
                        f"{s.pretrain_batch_size}", _train, local / "pretrain", pre_cfg, pretrained)
-  train = timer.run(5, "train", f"fine-tune on QA, MCQ and cards: {s.steps} steps of "
+  train = timer.run(6, "train", f"fine-tune on QA, MCQ and cards: {s.steps} steps of "
                     f"{s.batch_size} packed rows", _train, workdir / "train", cfg)
   from facellm_jax.inference import load  # pylint: disable=g-import-not-at-top
 
   model, mc, tokenizer = load.load_for_inference(workdir=workdir / "train")
-  report = timer.run(6, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, local, s,
+  report = timer.run(7, "evaluate", "held-out synthetic FaceXBench", _evaluate, workdir, local, s,
                      model, mc, tokenizer)
-  chat = timer.run(7, "chat", "one chat question", _chat, local, s, model, mc, tokenizer)
+  chat = timer.run(8, "chat", "one chat question", _chat, local, s, model, mc, tokenizer)
   result = {
       "synth_mcq_accuracy": report["overall"],
       "chance": CHANCE,
@@ -345,10 +364,11 @@ def run(workdir: paths.PathLike, s: Settings, config_spec: str = str(DEFAULT_CON
       "per_category": {c: v["accuracy"] for c, v in report["per_category"].items()},
       "chat": chat,
       "data": data,
+      "vision": vision_stage | {"batch_size": s.vision_batch_size},
       "pretrain": pretrain | {"config": pretrain_spec, "batch_size": s.pretrain_batch_size},
       "train": train | {"config": config_spec, "batch_size": s.batch_size},
   }
-  result["picture"] = timer.run(8, "picture", "the picture", _picture, workdir, local, result)
+  result["picture"] = timer.run(9, "picture", "the picture", _picture, workdir, local, result)
   result |= {"timings": {**timer.stages, "total": timer.total()}, "settings": dataclasses.asdict(s)}
   paths.write_json(workdir / REPORT_FILE, result)
   return result

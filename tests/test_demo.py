@@ -126,8 +126,9 @@ def test_a_card_names_every_benchmark_factor_in_the_option_words(world, tmp_path
       for item in mcq.face_mcqs(face.image_id, face.labels, SEED, tasks=[task], rounds=4):
         assert item.question.answer in text, (task, item.question.answer, text)
   labels = dict(faces[0].labels, age="20-29", gender="Female", eyeglasses="yes", facial_hair="none")
-  assert cards.card(labels).startswith("20-29 Female ")
-  assert " Yes No facial hair " in cards.card(labels)
+  labels |= dict(expression="happy", sharpness="sharp", jpeg_quality="low", race="Black",
+                head_pose="left")
+  assert cards.card(labels) == "happy sharp low 20-29 Female Black left Yes No facial hair."
   with pytest.raises(ValueError, match="synthetic world's labels"):
     cards.card({"age": "20-29", "gender": "Female", "race": "White"})
   assert cards.main(["--labels", str(root / "faces" / "labels.csv"), "--images", str(root / "faces"),
@@ -161,11 +162,12 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert report["total_questions"] == n
   correct = sum(c["correct"] for c in report["per_task_counts"].values())
   assert report["synth_mcq_accuracy"] == pytest.approx(correct / n)
-  assert set(report["timings"]) == {"synthesize", "generate", "items", "pretrain", "train",
-                                    "evaluate", "chat", "picture", "total"}
+  assert set(report["timings"]) == {"synthesize", "generate", "items", "vision", "pretrain",
+                                    "train", "evaluate", "chat", "picture", "total"}
   assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in report["timings"].values())
   assert report["train"]["steps"] == demo.SMOKE.steps
   assert report["pretrain"]["steps"] == demo.SMOKE.pretrain_steps
+  assert report["vision"]["steps"] == demo.SMOKE.vision_steps
   assert isinstance(report["chat"]["answer"], str)
   assert report["chat"]["truth"]["gender"] in ("Male", "Female")
   # Every stage left its output.
@@ -181,7 +183,10 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()
   assert len(predictions) == n
   assert (workdir / "train" / "checkpoints").is_dir()
-  # The fine-tuning started from the pretraining's export, with the one shared tokenizer.
+  # The card stage started from the vision stage's checkpoint, the fine-tuning from the card
+  # stage's export, with the one shared tokenizer.
+  pre_cfg = json.loads((workdir / "pretrain" / "config.json").read_text())
+  assert pre_cfg["model"]["hf_checkpoint"] == str(workdir / "vision" / "hf")
   train_cfg = json.loads((workdir / "train" / "config.json").read_text())
   assert train_cfg["model"]["hf_checkpoint"] == str(workdir / "pretrain" / "hf")
   assert (workdir / "pretrain" / "hf" / "model.safetensors").is_file()
@@ -354,7 +359,8 @@ def test_a_gs_workdir_gets_training_eval_report_and_picture_and_resumes(smoke, t
   assert r["report"]["picture"] == f"gs://bkt/demo/{demo.PICTURE_FILE}"
   assert r["png_head"] == "89504e470d0a1a0a"  # the PNG signature
   assert r["scratch"].startswith(str(tmp_path / "tmp"))
-  assert r["scratch_entries"] == ["benchmark", "cards", "data", "faces", "pretrain", "qa", "tokenizer"]
+  assert r["scratch_entries"] == ["benchmark", "cards", "data", "faces", "pretrain", "qa", "tokenizer",
+                                  "vision"]
   assert r["bad_seed_rc"] == 2
   assert r["denied_rc"] == 2 and "permission denied" in r["denied_err"]
   assert len(r["denied_err"].splitlines()) == 1

@@ -189,7 +189,7 @@ def _images_per_row(batch: Mapping[str, np.ndarray]) -> np.ndarray:
   return rows
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM (a preemption) and SIGINT (Ctrl-C) into a flag the loop checks after each step,
   then saves and stops. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing new."""
 
@@ -231,12 +231,14 @@ class _Preemption:
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun with the same workdir."""
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint (or, `saved=False`, in a stage
+  short enough to redo); rerun with the same workdir."""
 
-  def __init__(self, signum: int, step: int):
+  def __init__(self, signum: int, step: int, saved: bool = True):
     self.signum = signum
-    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
-                     "rerun the same command to resume")
+    then = ("checkpoint saved, rerun the same command to resume" if saved else
+            "nothing saved (a short stage), rerun the same command to start it again")
+    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {then}")
 
 
 def _check_dataset(cfg: ml_collections.ConfigDict):
@@ -360,7 +362,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
                n_trainable, t.trainable, dict(mesh.shape), rows_global * t.grad_accum)
   window_start, window_steps = time.perf_counter(), 0
   try:
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
       for step in range(start, t.num_steps):
         micro = [_read(lambda: next(iterator), f"the batch of step {step + 1} from data.dir {cfg.data.dir}")
                  for _ in range(t.grad_accum)]
