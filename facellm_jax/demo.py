@@ -72,8 +72,8 @@ class Settings:
   chat_max_new_tokens: int = 40
 
 
-SMOKE = Settings(faces=16, benchmark_num=2, vision_steps=2, vision_batch_size=8, pretrain_steps=2, pretrain_batch_size=8, steps=3,
-                 batch_size=8, eval_batch_size=8)
+SMOKE = Settings(faces=16, benchmark_num=2, vision_steps=2, vision_batch_size=8, pretrain_steps=2,
+                 pretrain_batch_size=8, steps=3, batch_size=8, eval_batch_size=8)
 
 
 class DemoError(Exception):
@@ -258,7 +258,7 @@ def stage_config(config_spec: str, workdir: Path, s: Settings, *, data: str, ste
 
 
 def _vision(local: Path, s: Settings, faces, pretrain_spec: str) -> dict[str, object]:
-  """The tower's own pretraining, with the pretraining config's model and learning rate."""
+  """The tower's own pretraining, with the card stage's model and learning rate (2e-3)."""
   from facellm_jax import demo_vision  # pylint: disable=g-import-not-at-top
   from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
 
