@@ -60,8 +60,10 @@ def test_bf16_base_lora_learns_as_the_float32_base_does(bf16_run, offline_datase
   bf16 = np.array([m["loss"] for m in result.metrics])
   f32 = np.array([m["loss"] for m in _run(offline_dataset, tmp_path, "float32", workdir / "tokenizer").metrics])
   assert bf16[-1] < 0.9 * bf16[0] and f32[-1] < 0.9 * f32[0], (bf16, f32)
-  # The same start and end, up to the bfloat16 rounding of the base (measured: 0.9% and 0.2% apart).
-  np.testing.assert_allclose(bf16[[0, -1]], f32[[0, -1]], rtol=0.02)
+  # The same start and end, up to the bfloat16 rounding of the base (measured: 0.9% and 0.2% apart
+  # on the first renderer's faces, 1.0% and 2.0% on today's stronger blur/grain/JPEG cues).
+  np.testing.assert_allclose(bf16[0], f32[0], rtol=0.02)
+  np.testing.assert_allclose(bf16[-1], f32[-1], rtol=0.03)
 
 
 def test_bf16_base_keeps_adapters_and_optimizer_state_float32(bf16_run):
