@@ -9,7 +9,7 @@ head pose at 0.99 on held-out faces after 400 steps of 64 (benchmarks/README.md,
 
 So this stage trains the ViT + projector + those heads (summed cross-entropy), drops the heads
 and saves the whole FaceLLM (decoder still at its random init) as an HF checkpoint, which the card
-stage starts from. It lasts about a minute and writes its checkpoint only when done: interrupted,
+stage starts from. It lasts about 2 minutes and writes its checkpoint only when done: interrupted,
 it starts over on the rerun.
 """
 
@@ -101,13 +101,13 @@ def train(mc: FaceLLMConfig, pixels: np.ndarray, labels: np.ndarray, *, steps: i
       idx = order.integers(0, len(labels), batch_size)
       loss, acc = _step(heads, opt, jnp.asarray(image_lib.normalize(pixels[idx])),
                         jnp.asarray(labels[idx]))
-      losses.append(float(loss))
-      accs.append(np.asarray(acc))
+      losses.append(loss)  # device arrays: reading one every step would wait for its step
+      accs.append(acc)
       bar.update()
       if step % 25 == 24:
-        bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}")
-  last = np.mean(accs[-25:], axis=0)
-  return model, {"steps": steps, "final_loss": round(float(np.mean(losses[-25:])), 4),
+        bar.set_postfix(loss=f"{np.mean(jax.device_get(losses[-25:])):.3f}")
+  last, loss = np.mean(jax.device_get(accs[-25:]), axis=0), np.mean(jax.device_get(losses[-25:]))
+  return model, {"steps": steps, "final_loss": round(float(loss), 4),
                  "train_accuracy": {k: round(float(a), 3) for k, a in zip(FACTORS, last)}}
 
 
