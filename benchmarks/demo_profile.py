@@ -35,6 +35,7 @@ from facellm_jax.input import pipeline
 from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.training import checkpoint as ckpt_lib
 from facellm_jax.models import sharding
+from facellm_jax.models import lora as lora_lib
 from facellm_jax.training import loop
 from facellm_jax.training import step as step_lib
 
@@ -65,7 +66,7 @@ def profile_stage(cfg, repeats: int) -> dict:
   out = {"input": _time(lambda: next(it), repeats)}
   mesh = sharding.make_mesh(dict(cfg.mesh.shape), jax.devices())
   model = loop.build_model(cfg, mc, mesh)
-  wrt = nnx.Param
+  wrt = lora_lib.trainable_filter(cfg.train.trainable)  # the demo freezes the tower
   optimizer = nnx.Optimizer(model, step_lib.make_tx(loop.optim_config(cfg)), wrt=wrt)
   graphdef, state = nnx.split((model, optimizer))
   state_sh = sharding.state_shardings(state, mesh)
@@ -74,7 +75,8 @@ def profile_stage(cfg, repeats: int) -> dict:
   batch_sh = step_lib.batch_shardings(mesh, {k: None for k in batch_np})
   batch = loop._global_batch([batch_np], batch_sh, 1)  # pylint: disable=protected-access
   fn = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, wrt, step_lib.learning_rate_schedule(loop.optim_config(cfg))),
+      step_lib.make_train_step(graphdef, wrt, step_lib.learning_rate_schedule(loop.optim_config(cfg)),
+                           loss_chunk=cfg.train.loss_chunk),
       state_sh, batch_sh, mesh)
   holder = {"state": state}
 
