@@ -76,7 +76,7 @@ def profile_stage(cfg, repeats: int) -> dict:
   batch = loop._global_batch([batch_np], batch_sh, 1)  # pylint: disable=protected-access
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(graphdef, wrt, step_lib.learning_rate_schedule(loop.optim_config(cfg)),
-                           loss_chunk=cfg.train.loss_chunk),
+                               loss_chunk=cfg.train.loss_chunk),
       state_sh, batch_sh, mesh)
   holder = {"state": state}
 

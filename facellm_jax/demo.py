@@ -59,9 +59,8 @@ class Settings:
   mcq_answer: str = "text"  # the MCQ items' reply (data_gen.mcq.ANSWER_FORMS)
   # Fewer rows per step would cut the time (the step's matmuls are the demo's time), but
   # measured it cost expression and head pose (benchmarks/README.md, demo section).
-  # The tower and projector alone, linear heads (demo_vision): its cheapest steps (a third of a
-  # card step's time), and 800 rather than 400 lifted held-out image quality 80 -> 90% and
-  # expression 75 -> 90% (benchmarks/README.md, demo section, fifth round).
+  # The vision stage (demo_vision) has the cheapest steps, a third of a card step's time; 800
+  # rather than 400 lifted held-out image quality 80 -> 90% and expression 75 -> 90% (fifth round).
   vision_steps: int = 800
   vision_batch_size: int = 64
   pretrain_steps: int = 600
