@@ -6,7 +6,8 @@ it; the demo's tower starts from scratch, and through a random decoder it learns
 directly, the same tower and projector learn fast: one linear head per card factor on the
 projected image token (the demo folds the ViT grid into one token) reads expression at 0.93 and
 head pose at 0.99 on held-out faces after 400 steps of 64 (benchmarks/README.md, demo section);
-the demo runs 800, which lifted the benchmark's image quality and expression to 90%.
+the demo runs longer (`demo.Settings.vision_steps`), which lifted the benchmark's image quality
+and expression to 90%.
 
 So this stage trains the ViT + projector + those heads (summed cross-entropy), drops the heads
 and saves the whole FaceLLM (decoder still at its random init) as an HF checkpoint, which the card
