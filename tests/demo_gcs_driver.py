@@ -18,12 +18,13 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from typing import NoReturn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from gcs_driver import BUCKET, DENY_PORT, PORT, ROOT, gcs_env, isolate, quietly, run_with_servers  # pylint: disable=wrong-import-position
 
 
-LOCAL_STAGES = ("faces", "benchmark", "qa", "data", "cards", "tokenizer", "pretrain")
+LOCAL_STAGES = ("faces", "benchmark", "qa", "data", "cards", "tokenizer", "vision", "pretrain")
 
 
 def seed_scratch(smoke: pathlib.Path, scratch: pathlib.Path) -> None:
@@ -59,7 +60,7 @@ def scenarios(smoke: pathlib.Path) -> dict:
   return r
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> NoReturn:
   out, smoke = pathlib.Path(argv[1]), pathlib.Path(argv[2])
   isolate()
   os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
@@ -68,8 +69,8 @@ def main(argv: list[str]) -> int:
   (out / "tmp").mkdir()
   tempfile.tempdir = None  # re-read TMPDIR: the local scratch folder lands under OUT
   os.chdir(ROOT)
-  return run_with_servers(out, lambda: scenarios(smoke))
+  run_with_servers(out, lambda: scenarios(smoke))
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  main(sys.argv)
