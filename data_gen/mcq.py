@@ -1,29 +1,24 @@
 """Multiple-choice training items: the synthetic benchmark's questions, asked about training faces.
 
 A model trained only on free-text descriptions has never seen an option list, so FaceXBench-style
-evaluation would measure the format, not the face reading. These items teach the format on the *training* faces: the question, its distractors and
-the option order are drawn exactly as `synth.write_benchmark` draws them for the held-out faces,
-and the prompt text is `facexbench.build_prompt`'s own, so a training prompt and a benchmark
-prompt differ only in the face and the draw. The target is the option's text (" Female"), which
+evaluation would measure the format, not the face reading. These items teach the format on the
+*training* faces: the question, its distractors and the option order are drawn exactly as
+`synth.write_benchmark` draws them for the held-out faces, and the prompt text is
+`facexbench.build_prompt`'s own, so a training prompt and a benchmark prompt differ only in the
+face and the draw. The target is the option's text (" Female"), which
 the benchmark's extraction maps to its letter (its last rule: the first option contained in the
-answer; no synthetic option is contained in another's text). The letter the prompt asks for is
-not learned in the demo's budget by a tiny model trained from scratch, in any form measured (seed
-0, 2026-12-02, pretraining 1,200 steps of 32 cards then 1,000 fine-tuning steps of 16, one
-pretrained model for all three; benchmarks/README.md): target " Female" 74.3% held-out,
-"Female (B)" 39.1%, "(B) Female" 34.6% (chance 25%), although with "(B) Female" the text after the
-letter was right for 71% of the questions: the model reads the face and has not learned to find
-its answer in the option list. Earlier, "Female (B)" after 1,000 fine-tuning steps had the letter
-right for only 54% of the questions whose text was right (teacher-forced). With `--answer
-text_letter` (" Female (B)") after the full pretraining (1,600 steps of 64 cards) and 500
-fine-tuning steps of 32 (seed 0, 2026-12-02): the text right for 84% of the held-out questions,
-the letter after it right for 31% of those (92 of 294; chance 25%), 32.0% overall, against 86.3%
-for text targets from the same pretrained model. From the card export of a 400-step vision stage
-(2026-12-03), 500 steps at 2e-3: the text right for 90.6%, the letter after it for 41% of those.
+answer; no synthetic option is contained in another's text). The letter the prompt asks for
+(`--answer text_letter`, " Female (B)") is not learned in the demo's budget by a tiny model trained
+from scratch: it reads the face (the text is right for ~90% of the held-out questions) but has not
+learned to find its answer in the option list and copy the letter printed before it. The letter is
+at chance after the demo's 340 fine-tuning steps, right on 41% of the right-text answers after 500
+and 51% after 1,000; letter-first replies and the prompt's own "(B" token fared no better
+(benchmarks/README.md, demo section, has every form and budget measured).
 
 `python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]
-[--answer text|text_letter]` writes a
-TFDS dataset (the `generate` format, attribute `mcq_<task>`) with R items per (face, task) and,
-with --qa, every record of a `generate` output re-written beside them, so one dataset trains both.
+[--answer text|text_letter]` writes a TFDS dataset (the `generate` format, attribute
+`mcq_<task>`) with R items per (face, task) and, with --qa, every record of a `generate` output
+re-written beside them, so one dataset trains both.
 """
 
 from __future__ import annotations
