@@ -59,7 +59,7 @@ def profile_stage(cfg, repeats: int) -> dict:
   dataset = pipeline.make_dataset(source, tokenizer, image_size=mc.vision.image_size,
                                   num_image_tokens=mc.image_seq_length, seq_len=cfg.data.cutoff_len,
                                   batch_size=cfg.train.batch_size, packing=cfg.data.packing, seed=0,
-                                  max_images_per_row=cfg.data.max_images_per_row or None)
+                                  max_images_per_row=loop.image_slots(cfg, mc))
   it = iter(dataset)
   for _ in range(3):  # the read threads' prefetch fills up first
     next(it)

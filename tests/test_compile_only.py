@@ -3,11 +3,15 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
+import numpy as np
 import pytest
 
 from facellm_jax import train
-from facellm_jax.training import compile_only
+from facellm_jax.input import pipeline
+from facellm_jax.input import tokenizer as tok_lib
+from facellm_jax.training import compile_only, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # configs/tiny.py shrunk further so that each TPU compile takes seconds on the CI box.
@@ -22,6 +26,28 @@ def _cli(capsys, workdir, *extra):
                      *extra])
   out, err = capsys.readouterr()
   return code, out, err
+
+
+@pytest.mark.parametrize("packing, slots", [(False, 0), (False, 3), (True, 0), (True, 3)])
+def test_abstract_batch_has_the_shapes_of_the_loops_batches(packing, slots, tmp_path):
+  """What is compiled for a TPU is the step the loop runs: the same batch shapes, image slots included
+  (the pipeline's default slots, and `max_images_per_row` with and without packing)."""
+  sys.path.insert(0, str(ROOT))
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  cfg = tiny.get_config().unlock()
+  cfg.data.update(packing=packing, max_images_per_row=slots, cutoff_len=96)
+  mc = loop.model_config(cfg)
+  tok = tok_lib.train_tokenizer(["What is the age?", "Aged 20-29."] * 5, 300, tmp_path)
+  records = [{"image": np.full((20, 20, 3), 9 * i, np.uint8), "image_id": f"i{i}", "question": "What is the age?",
+              "answer": "Aged 20-29.", "attribute": "age", "source": "synth"} for i in range(8)]
+  batch = next(iter(pipeline.make_dataset(
+      records, tok, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
+      seq_len=cfg.data.cutoff_len, batch_size=2, packing=packing,
+      max_images_per_row=cfg.data.max_images_per_row, process_index=0, process_count=1, read_threads=1)))
+  fed = {**batch, "pixel_values": loop._images_per_row(batch)}  # pylint: disable=protected-access  (the step's input)
+  abstract = compile_only.abstract_batch(cfg, rows=2)
+  assert {k: (v.shape[1:], v.dtype) for k, v in abstract.items()} == {k: (fed[k].shape, fed[k].dtype) for k in abstract}
 
 
 @pytest.mark.parametrize("name, grid", [

@@ -312,6 +312,20 @@ def _normalize_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {**batch, "pixel_values": pixels}
 
 
+def image_slots(seq_len: int, num_image_tokens: int, max_images_per_row: int | None = None, *,
+                max_tiles: int = 1, packing: bool = False) -> int:
+  """Image slots M per row, as `make_dataset` lays them out (`max_images_per_row` 0 or None: the
+  default there); the compile-only path sizes its abstract batch with the same answer."""
+  images_per_example = 1 if max_tiles == 1 else max_tiles + 1
+  if not max_images_per_row:
+    per_row = seq_len // (images_per_example * num_image_tokens + _MIN_TEXT_TOKENS) if packing else 1
+    return images_per_example * max(per_row, 1)
+  if max_images_per_row < images_per_example:
+    raise ValueError(f"max_images_per_row={max_images_per_row} cannot hold one example's "
+                     f"{images_per_example} images (max_tiles={max_tiles}, thumbnail included)")
+  return max_images_per_row
+
+
 def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_size: int,
                  num_image_tokens: int, seq_len: int, batch_size: int,
                  max_images_per_row: int | None = None, max_tiles: int = 1, packing: bool = False,
@@ -329,9 +343,9 @@ def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_s
     num_image_tokens: placeholders per image tile (the config's `image_seq_length`).
     seq_len: tokens per row T; longer conversations are truncated (see `fit_example`).
     batch_size: rows per batch of this process.
-    max_images_per_row: image slots per row M; when packing, also a packing limit. Default: one
-      example's images, or with packing as many as the shortest possible examples could need, so
-      only tokens limit the packing. The vision tower runs on all B * M slots: set it near the
+    max_images_per_row: image slots per row M; when packing, also a packing limit. Default (None
+      or 0; `image_slots`): one example's images, or with packing as many as the shortest possible
+      examples could need, so only tokens limit the packing. The vision tower runs on all B * M slots: set it near the
       typical number of images per row to skip empty ones.
     max_tiles: InternVL dynamic tiling up to this many tiles (+1 thumbnail); 1 = one resized image.
     packing: pack several examples per row (never splitting one) instead of one padded example.
@@ -356,13 +370,8 @@ def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_s
                       ("image_size", image_size), ("num_image_tokens", num_image_tokens)):
     if value <= 0:
       raise ValueError(f"{name} must be positive, got {value}")
-  images_per_example = 1 if max_tiles == 1 else max_tiles + 1
-  if max_images_per_row is None:
-    per_row = seq_len // (images_per_example * num_image_tokens + _MIN_TEXT_TOKENS) if packing else 1
-    max_images_per_row = images_per_example * max(per_row, 1)
-  if max_images_per_row < images_per_example:
-    raise ValueError(f"max_images_per_row={max_images_per_row} cannot hold one example's "
-                     f"{images_per_example} images (max_tiles={max_tiles}, thumbnail included)")
+  max_images_per_row = image_slots(seq_len, num_image_tokens, max_images_per_row,
+                                   max_tiles=max_tiles, packing=packing)
 
   ds = record_stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                      process_index=process_index, process_count=process_count)

@@ -31,7 +31,6 @@ import ml_collections
 from flax import nnx
 from jax._src import config as jax_config  # the option's context manager (jax.config has only update)
 
-from facellm_jax.input import pipeline
 from facellm_jax.models import lora as lora_lib
 from facellm_jax.models import sharding
 from facellm_jax.training import loop
@@ -101,15 +100,6 @@ def topology_devices(name: str) -> list[jax.Device]:
     raise TopologyError(f"--topology={name!r} ({grid}): {str(e).splitlines()[0]}") from None
 
 
-def _images_per_row(cfg: ml_collections.ConfigDict, image_tokens: int) -> int:
-  """Image slots M per row, as `pipeline.make_dataset` chooses them for the training loop."""
-  if not cfg.data.packing:
-    return 1
-  if cfg.data.get("max_images_per_row", 0):
-    return cfg.data.max_images_per_row
-  return max(cfg.data.cutoff_len // (image_tokens + pipeline._MIN_TEXT_TOKENS), 1)  # pylint: disable=protected-access
-
-
 def abstract_batch(cfg: ml_collections.ConfigDict, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one step's global batch: `grad_accum` micro-batches of `rows` rows."""
   mc = loop.model_config(cfg)
@@ -117,8 +107,7 @@ def abstract_batch(cfg: ml_collections.ConfigDict, rows: int) -> dict[str, jax.S
   tokens = jax.ShapeDtypeStruct((a, rows, t), jnp.int32)
   return {"input_ids": tokens, "targets": tokens, "loss_mask": jax.ShapeDtypeStruct((a, rows, t), jnp.float32),
           "positions": tokens, "segment_ids": tokens, "num_images": jax.ShapeDtypeStruct((a, rows), jnp.int32),
-          "pixel_values": jax.ShapeDtypeStruct((a, rows, _images_per_row(cfg, mc.image_seq_length), s, s, 3),
-                                               jnp.float32)}
+          "pixel_values": jax.ShapeDtypeStruct((a, rows, loop.image_slots(cfg, mc), s, s, 3), jnp.float32)}
 
 
 def lower_train_step(cfg: ml_collections.ConfigDict, devices: list[jax.Device], rows_per_chip: int):
@@ -175,7 +164,7 @@ def measure(cfg: ml_collections.ConfigDict, devices: list[jax.Device], rows_per_
   mc = loop.model_config(cfg)
   rows = rows_per_chip * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.train.grad_accum
   flops = step_lib.train_flops_per_step(mc, rows=rows, seq_len=cfg.data.cutoff_len,
-                                        images=rows * _images_per_row(cfg, mc.image_seq_length),
+                                        images=rows * loop.image_slots(cfg, mc),
                                         trainable=cfg.train.trainable, lora=loop.lora_config(cfg))
   return {**out, "compile_s": round(time.perf_counter() - start, 1),
           "bytes_per_chip": {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,

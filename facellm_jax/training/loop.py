@@ -72,6 +72,13 @@ def lora_config(cfg: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
                              targets=tuple(cfg.lora.targets), modules=tuple(cfg.lora.modules))
 
 
+def image_slots(cfg: ml_collections.ConfigDict, mc: config_lib.FaceLLMConfig) -> int:
+  """Image slots per row (the tower runs on each): `data.max_images_per_row`, or for 0 the
+  pipeline's default; the compile-only step and the FLOP count read it here too."""
+  return pipeline.image_slots(cfg.data.cutoff_len, mc.image_seq_length, cfg.data.get("max_images_per_row", 0),
+                              packing=cfg.data.packing)
+
+
 def optim_config(cfg: ml_collections.ConfigDict) -> step_lib.OptimConfig:
   t = cfg.train
   return step_lib.OptimConfig(learning_rate=t.learning_rate, num_steps=t.num_steps, warmup_ratio=t.warmup_ratio,
@@ -298,7 +305,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
   dataset = pipeline.make_dataset(
       source, tokenizer, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
       seq_len=cfg.data.cutoff_len, batch_size=rows, packing=cfg.data.packing, seed=t.seed,
-      max_images_per_row=cfg.data.get("max_images_per_row", 0) or None,
+      max_images_per_row=image_slots(cfg, mc),
       system_prompt=cfg.data.get("system_prompt", ""))
   iterator = iter(dataset)
 
@@ -340,7 +347,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
   train_step = step_lib.jit_train_step(step_fn, state_sh, batch_sh, mesh)
   peak = step_lib.peak_flops(jax.devices()[0])
   flops = step_lib.train_flops_per_step(mc, rows=rows_global * t.grad_accum, seq_len=cfg.data.cutoff_len,
-                                        images=rows_global * t.grad_accum, trainable=t.trainable,
+                                        images=rows_global * t.grad_accum * image_slots(cfg, mc),
+                                        trainable=t.trainable,
                                         lora=lora_config(cfg))
 
   def save(step: int, force: bool = False) -> None:
