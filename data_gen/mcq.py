@@ -5,9 +5,9 @@ evaluation would measure the format, not the face reading. These items teach the
 *training* faces: the question, its distractors and the option order are drawn exactly as
 `synth.write_benchmark` draws them for the held-out faces, and the prompt text is
 `facexbench.build_prompt`'s own, so a training prompt and a benchmark prompt differ only in the
-face and the draw. The target is the option's text (" Female"), which
-the benchmark's extraction maps to its letter (its last rule: the first option contained in the
-answer; no synthetic option is contained in another's text). The letter the prompt asks for
+face and the draw. The target is the option's text (" Female"), which the benchmark's extraction
+maps to its letter (its last rule: the first option contained in the answer; no synthetic option
+is contained in another's text). The letter the prompt asks for
 (`--answer text_letter`, " Female (B)") is not learned in the demo's budget by a tiny model trained
 from scratch: it reads the face (the text is right for ~90% of the held-out questions) but has not
 learned to find its answer in the option list and copy the letter printed before it. The letter is

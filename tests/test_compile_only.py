@@ -14,6 +14,9 @@ from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.training import compile_only, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
+
 # configs/tiny.py shrunk further so that each TPU compile takes seconds on the CI box.
 SMALL = ["--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1",
          "--config.data.cutoff_len=128"]
@@ -32,9 +35,6 @@ def _cli(capsys, workdir, *extra):
 def test_abstract_batch_has_the_shapes_of_the_loops_batches(packing, slots, tmp_path):
   """What is compiled for a TPU is the step the loop runs: the same batch shapes, image slots included
   (the pipeline's default slots, and `max_images_per_row` with and without packing)."""
-  sys.path.insert(0, str(ROOT))
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-
   cfg = tiny.get_config().unlock()
   cfg.data.update(packing=packing, max_images_per_row=slots, cutoff_len=96)
   mc = loop.model_config(cfg)

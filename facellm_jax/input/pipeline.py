@@ -345,8 +345,8 @@ def make_dataset(source: Sequence[Any], tokenizer: tok_lib.Tokenizer, *, image_s
     batch_size: rows per batch of this process.
     max_images_per_row: image slots per row M; when packing, also a packing limit. Default (None
       or 0; `image_slots`): one example's images, or with packing as many as the shortest possible
-      examples could need, so only tokens limit the packing. The vision tower runs on all B * M slots: set it near the
-      typical number of images per row to skip empty ones.
+      examples could need, so only tokens limit the packing. The vision tower runs on all B * M
+      slots: set it near the typical number of images per row to skip empty ones.
     max_tiles: InternVL dynamic tiling up to this many tiles (+1 thumbnail); 1 = one resized image.
     packing: pack several examples per row (never splitting one) instead of one padded example.
     seed: shuffling seed (each epoch uses its own permutation).

@@ -302,10 +302,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
   if jax.process_index() == 0:
     paths.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2, sort_keys=True))
 
+  slots = image_slots(cfg, mc)
   dataset = pipeline.make_dataset(
       source, tokenizer, image_size=mc.vision.image_size, num_image_tokens=mc.image_seq_length,
       seq_len=cfg.data.cutoff_len, batch_size=rows, packing=cfg.data.packing, seed=t.seed,
-      max_images_per_row=image_slots(cfg, mc),
+      max_images_per_row=slots,
       system_prompt=cfg.data.get("system_prompt", ""))
   iterator = iter(dataset)
 
@@ -347,8 +348,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
   train_step = step_lib.jit_train_step(step_fn, state_sh, batch_sh, mesh)
   peak = step_lib.peak_flops(jax.devices()[0])
   flops = step_lib.train_flops_per_step(mc, rows=rows_global * t.grad_accum, seq_len=cfg.data.cutoff_len,
-                                        images=rows_global * t.grad_accum * image_slots(cfg, mc),
-                                        trainable=t.trainable,
+                                        images=rows_global * t.grad_accum * slots, trainable=t.trainable,
                                         lora=lora_config(cfg))
 
   def save(step: int, force: bool = False) -> None:
