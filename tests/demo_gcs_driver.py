@@ -18,7 +18,6 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from typing import NoReturn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from gcs_driver import BUCKET, DENY_PORT, PORT, ROOT, gcs_env, isolate, quietly, run_with_servers  # pylint: disable=wrong-import-position
@@ -60,7 +59,7 @@ def scenarios(smoke: pathlib.Path) -> dict:
   return r
 
 
-def main(argv: list[str]) -> NoReturn:
+def main(argv: list[str]) -> None:
   out, smoke = pathlib.Path(argv[1]), pathlib.Path(argv[2])
   isolate()
   os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)

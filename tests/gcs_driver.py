@@ -27,8 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
-from typing import NoReturn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PORT, DENY_PORT, CLOSED_PORT = 9023, 9024, 9
@@ -178,6 +176,7 @@ def scenarios(out: pathlib.Path, dataset: str, bench: str) -> dict:
   r["gcs_files"] = sorted(p.name for p in paths.path(run).iterdir())
   r["tokenizer_files"] = sorted(p.name for p in paths.path(f"{run}/tokenizer").iterdir())
   r["tensorboard_files"] = len(list(paths.path(f"{run}/tensorboard").iterdir()))
+  fs.get(f"{BUCKET}/run/tensorboard", str(out / "tensorboard_copy"), recursive=True)
   r["t_gcs_train"] = time.time() - t0
 
   # export and evaluate read that workdir and write to gs:// outputs.
@@ -239,7 +238,7 @@ def scenarios(out: pathlib.Path, dataset: str, bench: str) -> dict:
   return r
 
 
-def main(argv: list[str]) -> NoReturn:
+def main(argv: list[str]) -> None:
   out, dataset, bench = pathlib.Path(argv[1]), argv[2], argv[3]
   isolate()
   os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
@@ -251,25 +250,13 @@ def main(argv: list[str]) -> NoReturn:
   run_with_servers(out, lambda: scenarios(out, dataset, bench))
 
 
-def run_with_servers(out: pathlib.Path, scenarios_fn) -> NoReturn:
-  """Starts the servers, runs the scenarios, writes OUT/results.json, stops the emulator, exits.
-
-  It leaves by `os._exit`, skipping the interpreter's teardown: there tensorboardX's gs:// event
-  writers (kept alive by its atexit hook) upload their files once more, and against the stopped
-  emulator each upload retries for about two minutes (measured: results at 136 s, exit at 349 s).
-  """
+def run_with_servers(out: pathlib.Path, scenarios_fn) -> None:
+  """Starts the servers, runs the scenarios, writes OUT/results.json, stops the emulator."""
   emulator = start_servers(out)
-  code = 1
   try:
     (out / "results.json").write_text(json.dumps(scenarios_fn(), indent=1))
-    code = 0
-  except BaseException:  # pylint: disable=broad-except  (reported, then the same fast exit)
-    traceback.print_exc()
   finally:
     emulator.kill()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from facellm_jax import evaluate as evaluate_cli
 from facellm_jax.inference import load
 from gcs_driver import EVERY, STEPS
 from test_evaluate_cli import write_benchmark
+from test_summaries import read_scalars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def _losses(records):
 
 
 def test_run_killed_on_gcs_resumes_with_the_losses_of_an_uninterrupted_local_run(gcs):
-  r, _, _ = gcs
+  r, out, _ = gcs
   steps = list(range(1, STEPS + 1))
   assert r["local_rc"] == 0 and [m["step"] for m in r["local"]] == steps
   assert r["killed_rc"] == -9 and f"{EVERY}+" in r["killed_checkpoints"], r["killed_checkpoints"]
@@ -60,7 +61,9 @@ def test_run_killed_on_gcs_resumes_with_the_losses_of_an_uninterrupted_local_run
   assert _losses(r["gcs"]) == _losses(r["local"])
   assert set(r["gcs_checkpoints"]) == {f"{STEPS - EVERY}+", f"{STEPS}+"}  # the half-written one was written anew
   assert {"config.json", "metrics.jsonl", "tokenizer", "checkpoints", "tensorboard"} <= set(r["gcs_files"])
-  assert "tokenizer.json" in r["tokenizer_files"] and r["tensorboard_files"] >= 1
+  assert "tokenizer.json" in r["tokenizer_files"] and r["tensorboard_files"] >= 2  # the killed run's, the rerun's
+  # What the killed run logged past its checkpoint is purged: TensorBoard shows each step once.
+  assert read_scalars(out / "tensorboard_copy", "train/loss") == [(m["step"], m["loss"]) for m in r["gcs"]]
 
 
 def test_export_from_gcs_to_gcs_loads_in_transformers_with_the_trained_weights(gcs):

@@ -5,7 +5,6 @@ import os
 import pathlib
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from facellm_jax.training import loop
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
+from test_summaries import read_scalars  # noqa: E402  pylint: disable=wrong-import-position
 
 # Two decoder layers (instead of tiny's four) halve the compile time every run pays.
 OVERRIDES = {"data.cutoff_len": 128, "train.log_every": 1, "train.warmup_ratio": 0.0,
@@ -99,22 +99,7 @@ def test_tiny_config_loss_falls_below_half(dataset, tokenizer_dir, tmp_path):
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in logged] == [1, 10, 20, 30, 40, 50, 60]
   assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "examples_per_s"} <= set(logged[0])
-  assert _tensorboard_scalars(tmp_path / "tensorboard", "train/loss") == [(m["step"], m["loss"]) for m in logged]
-
-
-def _tensorboard_scalars(logdir: pathlib.Path, tag: str) -> list[tuple[int, float]]:
-  """Reads the TFRecord event files directly (length, crc, Event proto, crc)."""
-  from tensorboardX.proto import event_pb2
-  out = []
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
-    data = path.read_bytes()
-    pos = 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      out += [(event.step, pytest.approx(v.simple_value, rel=1e-6)) for v in event.summary.value if v.tag == tag]
-  return out
+  assert read_scalars(tmp_path / "tensorboard", "train/loss") == [(m["step"], m["loss"]) for m in logged]
 
 
 def test_data_and_fsdp_sharding_match_one_device(dataset, tokenizer_dir, single_device_run, tmp_path):
@@ -161,6 +146,8 @@ def test_killed_run_resumes_with_identical_losses(dataset, tokenizer_dir, tmp_pa
   after = _read_metrics(tmp_path / "killed")
   assert [m["step"] for m in after] == list(range(1, 13))  # each step once: lines past the restore relogged
   assert {m["step"]: m["loss"] for m in after} == reference
+  # TensorBoard too: the steps the killed run logged past its checkpoint are purged, relogged once.
+  assert read_scalars(tmp_path / "killed/tensorboard", "train/loss") == [(m["step"], m["loss"]) for m in after]
 
 
 def test_two_processes_match_single_process(dataset, tokenizer_dir, single_device_run, tmp_path):
@@ -226,3 +213,5 @@ def test_sigterm_saves_then_resumes_identically(dataset, tokenizer_dir, single_d
   resumed = loop.train(cfg, tmp_path, show_progress=False, devices=jax.devices()[:1])
   assert resumed.metrics[0]["step"] == saved + 1
   assert _losses(resumed.metrics).tolist() == _losses(single_device_run.metrics)[saved:].tolist()
+  assert read_scalars(tmp_path / "tensorboard", "train/loss") == [
+      (m["step"], m["loss"]) for m in single_device_run.metrics]

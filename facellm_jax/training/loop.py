@@ -9,8 +9,8 @@ workdir may be local or a `gs://` URL (`paths.py`); only process 0 writes its sh
                    restored step are dropped and the rerun logs them again (`paths.RecordFile`)
   tokenizer/       the tokenizer trained on the dataset's text, for configs without one
   checkpoints/     Orbax (see `training/checkpoint.py`); a damaged step is set aside there
-  tensorboard/     the same scalars as TensorBoard event files (tensorboardX, no TensorFlow needed;
-                   on GCS through google-cloud-storage)
+  tensorboard/     the same scalars as TensorBoard event files (`training/summaries.py`; on a
+                   resume TensorBoard drops the old events past the restored step)
 SIGTERM (a preemption) and SIGINT (Ctrl-C) stop after the current step with a checkpoint saved.
 Throughput is the last step's tokens (non-padding, images' placeholders included) and examples over
 the mean step time since the previous log line; MFU uses `step.train_flops_per_step`.
@@ -32,7 +32,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from facellm_jax import hf
@@ -46,6 +45,7 @@ from facellm_jax.models import sharding
 from facellm_jax.models import stack
 from facellm_jax.training import checkpoint as ckpt_lib
 from facellm_jax.training import step as step_lib
+from facellm_jax.training import summaries as summaries_lib
 from facellm_jax.training import validate
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -363,7 +363,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
   # Steps past the restored checkpoint are trained and logged again: their old lines go.
   metrics_file = paths.RecordFile(workdir / "metrics.jsonl", keep=lambda r: r.get("step", 0) <= start) \
       if writer else None
-  summaries = SummaryWriter(os.fspath(workdir / "tensorboard")) if writer else None
+  summaries = summaries_lib.Scalars(workdir / "tensorboard", purge_step=start + 1 if start else None) \
+      if writer else None
   bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=not show_progress or not writer)
   logging.info("training %d trainable parameters (%s) on mesh %s, %d rows/step",
@@ -390,10 +391,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
           logged.append(record)
           if writer:
             metrics_file.append([record])
-            for key, value in record.items():
-              if key != "step":
-                summaries.add_scalar(f"train/{key}", value, done)
-            summaries.flush()
+            summaries.add({f"train/{k}": v for k, v in record.items() if k != "step"}, done)
           bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
           window_start, window_steps = time.perf_counter(), 0
         bar.update(1)
@@ -405,6 +403,4 @@ def _train(cfg: ml_collections.ConfigDict, workdir: paths.Path, ckpt: ckpt_lib.C
         save(done, force=done == t.num_steps)
   finally:
     bar.close()
-    if summaries is not None:
-      summaries.close()
   return TrainResult(logged, state)
