@@ -15,7 +15,10 @@ starts from this stage's export. What differs from demo.py:
   at 2e-3 and 0.46 at 5e-3;
 - 600 steps of 64: the decoder learns to read the image token slot by slot, the slots nearest
   the image first; after 150 steps it read age and gender, after 600 every slot but JPEG quality
-  (benchmarks/README.md, demo section, fourth round).
+  (benchmarks/README.md, demo section, fourth round);
+- with `facellm-demo --mcq-answer text_letter` the stage's data also holds one letter lookup per
+  face (`data_gen/mcq.py`'s `pointer`, at most 40 tokens too): in the same 600 steps, half of the
+  rows, the decoder learns to find an option's text in the list and copy its letter (seventh round).
 
 `--config=configs/demo_pretrain.py` takes tiny.py's arguments (`:full`, `:lora`, `vocab=N`).
 """

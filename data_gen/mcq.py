@@ -7,18 +7,17 @@ evaluation would measure the format, not the face reading. These items teach the
 `facexbench.build_prompt`'s own, so a training prompt and a benchmark prompt differ only in the
 face and the draw. The target is the option's text (" Female"), which the benchmark's extraction
 maps to its letter (its last rule: the first option contained in the answer; no synthetic option
-is contained in another's text). The letter the prompt asks for
-(`--answer text_letter`, " Female (B)") is not learned in the demo's budget by a tiny model trained
-from scratch: it reads the face (the text is right for ~90% of the held-out questions) but has not
-learned to find its answer in the option list and copy the letter printed before it. The letter is
-at chance after the demo's 340 fine-tuning steps, right on 41% of the right-text answers after 500
-and 51% after 1,000; letter-first replies and the prompt's own "(B" token fared no better
-(benchmarks/README.md, demo section, has every form and budget measured).
+is contained in another's text). With `--answer text_letter` it is the text, then the letter the
+prompt asks for, as the prompt prints it (" Female(B)"). A tiny decoder trained from scratch reads
+the face long before it learns to find its answer in the option list and copy the letter printed
+before it (the letter was at chance after the demo's 340 fine-tuning steps): `pointer` lookups (an
+option list, a random option, its letter) teach that part alone, and the demo's card stage mixes
+them in for `text_letter` (benchmarks/README.md, demo section, has every form and budget measured).
 
 `python -m data_gen mcq --labels CSV --images ROOT --out OUT [--qa QA_DIR] [--rounds R]
-[--answer text|text_letter]` writes a TFDS dataset (the `generate` format, attribute
-`mcq_<task>`) with R items per (face, task) and, with --qa, every record of a `generate` output
-re-written beside them, so one dataset trains both.
+[--answer text|text_letter] [--cards] [--pointers]` writes a TFDS dataset (the `generate` format,
+attribute `mcq_<task>`) with R items per (face, task) and, with --qa, every record of a `generate`
+output re-written beside them, so one dataset trains both (with a card and a lookup per face).
 """
 
 from __future__ import annotations
@@ -40,9 +39,11 @@ from facellm_jax.evaluation import facexbench
 TASKS = tuple(synth.BENCHMARK_TASKS)
 ATTRIBUTE_PREFIX = "mcq_"
 SOURCE = "mcq"
-# The assistant's reply: the option's text (" Female"), or the text then its letter
-# (" Female (B)"), which FaceXBench's extraction reads as the letter (its "(B)" pattern).
+# The assistant's reply: the option's text (" Female"), or the text then its letter as the prompt
+# prints it (" Female(B)": "(B" is one of the prompt's own tokens, so the reply copies it), which
+# FaceXBench's extraction reads as the letter (its "(B)" pattern).
 ANSWER_FORMS = ("text", "text_letter")
+POINTER_ATTRIBUTE = "pointer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,26 @@ def make_mcq(task: str, labels: Mapping[str, str], rng: np.random.Generator,
       num_images="single", image_paths=(), question_text=text, options=options, correct=letter,
       answer=answer, prepend_text=prepend, postpend_text=synth._POSTPEND,  # pylint: disable=protected-access
       context=None)
-  return MCQ(task, question, f" {answer} ({letter})" if answer_form == "text_letter" else f" {answer}")
+  return MCQ(task, question, reply(answer, letter, answer_form))
+
+
+def reply(option: str, letter: str, answer_form: str) -> str:
+  """The assistant's reply naming `option`, printed `letter` in the prompt, in `answer_form`."""
+  return f" {option}({letter})" if answer_form == "text_letter" else f" {option}"
+
+
+def pointer(labels: Mapping[str, str], rng: np.random.Generator,
+            tasks: Sequence[str] = TASKS) -> tuple[str, str]:
+  """A letter lookup: (prompt, reply). The prompt is the option list of one of the benchmark's
+  questions about this face (task, distractors and order drawn as for an MCQ), without the
+  question; the reply is one of its options at random, with its letter (" left(C)"). So the text
+  is a guess and only the letter can be learned: find the reply's text in the list and copy the
+  letter printed before it, as a `text_letter` answer must and a decoder trained from scratch
+  has not learned to."""
+  task = tasks[int(rng.integers(len(tasks)))]
+  options = make_mcq(task, labels, rng).question.options
+  k = int(rng.integers(len(options)))
+  return facexbench.option_lines(options), reply(options[k], facexbench.LETTERS[k], "text_letter")
 
 
 def face_mcqs(image_id: str, labels: Mapping[str, str], seed: int, tasks: Sequence[str] = TASKS,
@@ -107,12 +127,13 @@ def _qa_records(qa_dir: str) -> dict[str, list[tfds_writer.QA]]:
 
 def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0,
                   tasks: Sequence[str] = TASKS, rounds: int = 1, qa_dir: str | None = None,
-                  with_cards: bool = False, progress: bool = True,
+                  with_cards: bool = False, pointers: Sequence[str] = (), progress: bool = True,
                   answer_form: str = "text") -> dict[str, int]:
-  """Writes the MCQ items of `faces` (and the QA of `qa_dir`, and with `with_cards` one
-  `data_gen.cards` card per face) as one TFDS dataset, all `train`.
+  """Writes the MCQ items of `faces` (and the QA of `qa_dir`, with `with_cards` one
+  `data_gen.cards` card per face, and with `pointers` one `pointer` lookup per face, its option
+  list drawn from those tasks) as one TFDS dataset, all `train`.
 
-  Returns the record counts: `mcq`, `qa`, `cards` and `total`.
+  Returns the record counts: `mcq`, `qa`, `cards`, `pointers` and `total`.
   """
   qa = _qa_records(qa_dir) if qa_dir else {}
   items = []
@@ -124,19 +145,22 @@ def write_dataset(faces: Sequence[fairface.Face], out_dir: str, *, seed: int = 0
     if with_cards:
       pairs.append(tfds_writer.QA(cards.ATTRIBUTE, cards.QUESTION, cards.card(face.labels),
                                   cards.SOURCE))
+    if pointers:
+      prompt, target = pointer(face.labels, _rng(seed, face.image_id, POINTER_ATTRIBUTE, 0), pointers)
+      pairs.append(tfds_writer.QA(POINTER_ATTRIBUTE, prompt, target, SOURCE))
     items.append(tfds_writer.ImageQA(face.image_id, face.path, face.labels,
                                      qa.get(face.image_id, []) + pairs))
   missing = set(qa) - {face.image_id for face in faces}
   if missing:
     raise ValueError(f"{qa_dir} has QA for {len(missing)} image(s) not in the label CSV, e.g. "
                      f"{sorted(missing)[0]!r}; pass the CSV and image root it was generated from")
+  parts = ([f"MCQ items ({', '.join(tasks)})"] if tasks else []) + (["attribute QA"] if qa else []) \
+      + (["attribute cards"] if with_cards else []) + (["letter lookups"] if pointers else [])
   tfds_writer.write_dataset(out_dir, items, {i.image_id: "train" for i in items},
-                            description=f"Synthetic-face MCQ items ({', '.join(tasks)})"
-                            + (", attribute QA" if qa else "")
-                            + (", attribute cards" if with_cards else "") + ".")
-  num_qa = sum(len(v) for v in qa.values())
-  num_cards = len(faces) if with_cards else 0
-  return {"mcq": num_mcq, "qa": num_qa, "cards": num_cards, "total": num_mcq + num_qa + num_cards}
+                            description=f"Synthetic faces: {', '.join(parts)}.")
+  counts = {"mcq": num_mcq, "qa": sum(len(v) for v in qa.values()),
+            "cards": len(faces) if with_cards else 0, "pointers": len(faces) if pointers else 0}
+  return counts | {"total": sum(counts.values())}
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -149,8 +173,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--cards", action="store_true",
                  help="add one attribute card per face (data_gen.cards)")
   p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
+  p.add_argument("--pointers", action="store_true",
+                 help="add one letter lookup per face: an option list of --tasks, a random option "
+                      "and its letter (`pointer`)")
   p.add_argument("--answer", choices=ANSWER_FORMS, default="text",
-                 help="the reply: the option's text, or the text then its letter (' Female (B)')")
+                 help="the reply: the option's text, or the text then its letter (' Female(B)')")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
@@ -180,14 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not faces:
       raise CliError(f"{args.labels}: no usable images ({len(bad)} bad rows)")
     counts = write_dataset(faces, args.out, seed=args.seed, tasks=tasks, rounds=args.rounds,
-                           qa_dir=args.qa, with_cards=args.cards, progress=not args.no_progress,
+                           qa_dir=args.qa, with_cards=args.cards,
+                           pointers=tasks if args.pointers else (), progress=not args.no_progress,
                            answer_form=args.answer)
   except (CliError, fairface.LabelsError, ValueError, FileNotFoundError) as e:
     print(f"mcq: error: {e}", file=sys.stderr)
     return 2
   for row in bad:
     print(row.skipped(args.labels), file=sys.stderr)
-  print(f"wrote {counts['mcq']} MCQ items, {counts['qa']} QA pairs and {counts['cards']} cards to "
-        f"{args.out}",
-        file=sys.stderr)
+  print(f"wrote {counts['mcq']} MCQ items, {counts['qa']} QA pairs, {counts['cards']} cards and "
+        f"{counts['pointers']} letter lookups to {args.out}", file=sys.stderr)
   return 0

@@ -47,6 +47,10 @@ REPORT_FILE = "demo_report.json"
 PICTURE_FILE = "demo.png"
 CHAT_TASK = "gender"  # the chat question is asked about this task's first benchmark face
 CHAT_ATTRIBUTE = "demographics"
+# The option lists of the card stage's letter lookups (`--mcq-answer text_letter`): not age's,
+# whose digits (one token each) make its lists too long for the stage's 40-token rows, and which
+# slowed the lookup's learning for every task (benchmarks/README.md, demo section, seventh round).
+LOOKUP_TASKS = ("gender", "race", "expression", "attributes", "headpose", "image_quality")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Settings:
   seed: int = 0
   image_size: int = 112
   eval_batch_size: int = 50
-  max_new_tokens: int = 12  # answers are an option's text
+  max_new_tokens: int = 12  # answers are an option's text (and its letter)
   chat_max_new_tokens: int = 40
 
 
@@ -101,7 +105,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--benchmark-num", type=int, help=f"questions per task ({Settings.benchmark_num})")
   p.add_argument("--mcq-answer", choices=("text", "text_letter"),  # mcq.ANSWER_FORMS; mcq loads TFDS
                  help="the MCQ items' reply: the option's text (the default) or the text then its "
-                      "letter, ' Female (B)' (not learned in the default budget: data_gen/mcq.py)")
+                      "letter, ' Female(B)', with letter lookups in the card stage (README: demo)")
   p.add_argument("--smoke", action="store_true",
                  help="a tiny end-to-end run (a few faces and steps) that checks the plumbing")
   args = p.parse_args(argv)
@@ -214,7 +218,11 @@ def _items(workdir: Path, s: Settings, faces) -> dict[str, int]:
                                answer_form=s.mcq_answer)
     counts_path.write_text(json.dumps(counts) + "\n")
   if not (workdir / "cards" / "dataset_info.json").is_file():
-    cards.write_dataset(faces, str(workdir / "cards"))
+    if s.mcq_answer == "text_letter":  # the card stage also learns to find the letter (mcq.pointer)
+      mcq.write_dataset(faces, str(workdir / "cards"), seed=s.seed, tasks=(), with_cards=True,
+                        pointers=LOOKUP_TASKS)
+    else:
+      cards.write_dataset(faces, str(workdir / "cards"))
   return counts
 
 

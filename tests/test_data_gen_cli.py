@@ -281,20 +281,28 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(world,
   assert COMMANDS["generate"](world, out) == 0  # released: the next run goes ahead
 
 
-def test_mcq_answer_text_letter_writes_the_text_then_its_letter(world, tmp_path, capsys):
+def test_mcq_text_letter_items_and_letter_lookups_name_an_option_then_its_printed_letter(world, tmp_path, capsys):
   from facellm_jax.evaluation import facexbench  # pylint: disable=g-import-not-at-top
   from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
 
   out = tmp_path / "out"
-  assert mcq.main([*_labels(world), "--out", str(out), "--answer", "text_letter", "--no-progress"]) == 0
+  argv = [*_labels(world), "--out", str(out), "--answer", "text_letter", "--pointers", "--no-progress"]
+  assert mcq.main(argv) == 0
+  assert "0 cards and 6 letter lookups" in capsys.readouterr().err
   source = pipeline.open_tfds_source(out)
-  assert len(source) > 0
+  lookups = []
   for i in range(len(source)):
-    prompt, target = (pipeline._text(source[i][k]) for k in ("question", "answer"))
+    attribute, prompt, target = (pipeline._text(source[i][k]) for k in ("attribute", "question", "answer"))
     options = [line[4:] for line in prompt.splitlines() if line[:1] == "(" and line[2:4] == ") "]
-    text, letter = target.rsplit(" (", 1)
-    assert letter[1:] == ")" and options["ABCD".index(letter[0])] == text.strip()
-    assert facexbench.extract_answer(target, options) == letter[0]
+    # " Female(B)": the text, then the letter as the prompt prints it ("(B" is one of its tokens).
+    text, letter = target[:-3], target[-3:]
+    assert letter[0] + letter[2] == "()" and options["ABCD".index(letter[1])] == text.removeprefix(" ")
+    assert facexbench.extract_answer(target, options) == letter[1]
+    assert facexbench.extract_answer(target, ["w", "x", "y", "z"]) == letter[1]  # by the letter alone
+    if attribute == mcq.POINTER_ATTRIBUTE:
+      assert prompt == facexbench.option_lines(options)  # the list alone: no question to answer
+      lookups.append(letter[1])
+  assert len(source) == 7 * len(lookups) + len(lookups) and len(set(lookups)) > 1
   capsys.readouterr()
   assert mcq.main([*_labels(world), "--out", str(tmp_path / "o2"), "--answer", "letter"]) == 2
   assert "--answer" in _one_error_line(capsys)

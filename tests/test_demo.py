@@ -84,7 +84,7 @@ def test_mcq_prompts_are_the_benchmark_prompt_and_the_target_extracts_to_the_lab
       else:
         # The option's text, then its letter, which the extraction's letter patterns read: the
         # same letter with the option texts hidden from it.
-        assert item.target == f" {q.answer} ({q.correct})"
+        assert item.target == f" {q.answer}({q.correct})"
         assert facexbench.extract_answer(item.target, ["w", "x", "y", "z"]) == q.correct
       assert facexbench.extract_answer(item.target, q.options) == q.correct
       letters[q.correct] += 1
@@ -105,7 +105,7 @@ def test_mcq_dataset_holds_items_beside_the_qa(world, tmp_path):
   root, faces = world
   counts = mcq.write_dataset(faces[:5], str(tmp_path / "data"), seed=SEED, rounds=2,
                              with_cards=True, progress=False)
-  assert counts == {"mcq": 5 * 2 * len(mcq.TASKS), "qa": 0, "cards": 5,
+  assert counts == {"mcq": 5 * 2 * len(mcq.TASKS), "qa": 0, "cards": 5, "pointers": 0,
                     "total": 5 * 2 * len(mcq.TASKS) + 5}
   from facellm_jax.input import pipeline
 
@@ -143,6 +143,38 @@ def test_a_card_names_every_benchmark_factor_in_the_option_words(world, tmp_path
       next(f.labels for f in faces if f.image_id == pipeline._text(record["image_id"])))
 
 
+def test_the_letter_form_trains_letter_replies_and_the_card_stage_the_lookups(world, tmp_path):
+  """`--mcq-answer text_letter`: every MCQ target is its option's text, then the right letter, and
+  the card stage's data holds one letter lookup per face beside its card, none over age's lists."""
+  from facellm_jax.input import pipeline  # pylint: disable=g-import-not-at-top  (imports TFDS)
+
+  root, faces = world
+  settings = demo.Settings(mcq_answer="text_letter", seed=SEED)
+  demo._generate(tmp_path, settings, faces)
+  demo._items(tmp_path, settings, faces)
+  labels = {f.image_id: f.labels for f in faces}
+  source = pipeline.open_tfds_source(tmp_path / "data")
+  mcqs = 0
+  for i in range(len(source)):
+    attribute, prompt, target, image_id = (pipeline._text(source[i][k])
+                                           for k in ("attribute", "question", "answer", "image_id"))
+    if not attribute.startswith(mcq.ATTRIBUTE_PREFIX):
+      continue
+    options = [line[4:] for line in prompt.splitlines() if line[:1] == "(" and line[2:4] == ") "]
+    text, letter = target[1:-3], target[-2]
+    assert target == f" {text}({letter})" and options["ABCD".index(letter)] == text
+    assert text == _truth(attribute.removeprefix(mcq.ATTRIBUTE_PREFIX), labels[image_id], text)
+    assert facexbench.extract_answer(target, options) == letter
+    mcqs += 1
+  assert mcqs == len(faces) * len(mcq.TASKS)
+  source = pipeline.open_tfds_source(tmp_path / "cards")
+  kinds = collections.Counter(pipeline._text(source[i]["attribute"]) for i in range(len(source)))
+  assert kinds == {cards.ATTRIBUTE: len(faces), mcq.POINTER_ATTRIBUTE: len(faces)}
+  for i in range(len(source)):
+    if pipeline._text(source[i]["attribute"]) == mcq.POINTER_ATTRIBUTE:
+      assert not set(pipeline._text(source[i]["question"]).split()) & set(synth.AGE_BINS)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("demo") / "w"
@@ -177,7 +209,7 @@ def test_smoke_demo_runs_every_stage_and_writes_the_report(smoke, capsys):
   assert qa["written"] == demo.SMOKE.faces * len(demo.SMOKE.qa_attributes)
   assert report["data"] == {"faces": demo.SMOKE.faces, "benchmark_questions": n,
                             "qa_pairs": qa["written"], "mcq": demo.SMOKE.faces * len(mcq.TASKS),
-                            "qa": qa["written"], "cards": demo.SMOKE.faces,
+                            "qa": qa["written"], "cards": demo.SMOKE.faces, "pointers": 0,
                             "total": qa["written"] + demo.SMOKE.faces * (len(mcq.TASKS) + 1),
                             "vocab_size": report["data"]["vocab_size"]}
   predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()

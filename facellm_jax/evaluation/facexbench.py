@@ -151,6 +151,11 @@ def _load_file(path: Path, root: Path) -> list[Question]:
   return questions
 
 
+def option_lines(options: Sequence[str]) -> str:
+  """The prompt's option list: "(A) ...", one line each, each ending in a newline."""
+  return "".join(f"({letter}) {option}\n" for letter, option in zip(LETTERS, options))
+
+
 def build_prompt(q: Question, prepend: bool = False) -> str:
   """The benchmark's prompt, with one `IMAGE_MARKER` per image.
 
@@ -168,7 +173,7 @@ def build_prompt(q: Question, prepend: bool = False) -> str:
   text += f"{q.question_text}\n"
   if q.postpend_text:
     text += f"{q.postpend_text}\n"
-  text += "".join(f"({letter}) {option}\n" for letter, option in zip(LETTERS, q.options))
+  text += option_lines(q.options)
   if len(q.image_paths) == 1:
     return f"{IMAGE_MARKER}\n{text}"
   markers = "".join(f"Image-{i}: {IMAGE_MARKER}\n" for i in range(1, len(q.image_paths) + 1))
