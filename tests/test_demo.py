@@ -167,6 +167,7 @@ def test_the_letter_form_trains_letter_replies_and_the_card_stage_the_lookups(wo
     assert facexbench.extract_answer(target, options) == letter
     mcqs += 1
   assert mcqs == len(faces) * len(mcq.TASKS)
+  assert set(demo.LOOKUP_TASKS) == set(mcq.TASKS) - {"age"}
   source = pipeline.open_tfds_source(tmp_path / "cards")
   kinds = collections.Counter(pipeline._text(source[i]["attribute"]) for i in range(len(source)))
   assert kinds == {cards.ATTRIBUTE: len(faces), mcq.POINTER_ATTRIBUTE: len(faces)}
