@@ -182,13 +182,37 @@ def write_json(p: PathLike, data: Any) -> None:
   write_text(p, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+class AppendFile:
+  """Bytes added at the end of one file, each `add` durable when it returns.
+
+  Locally they are appended and fsynced. GCS has no append, so there the object is rewritten whole
+  with everything this writer has held (`content`, then each `add`); `size` lets a caller start a
+  new object before the rewrites grow large.
+  """
+
+  def __init__(self, p: PathLike, content: bytes = b""):
+    self.path = path(p)
+    self._data = content if is_remote(self.path) else b""
+    self.size = len(content)
+
+  def add(self, data: bytes) -> None:
+    self.size += len(data)
+    if is_remote(self.path):
+      self._data += data
+      self.path.write_bytes(self._data)
+      return
+    with open(os.fspath(self.path), "ab") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+
+
 class RecordFile:
   """A JSON-lines file that grows one record at a time and survives a kill at any moment.
 
-  Locally records are appended and fsynced; a torn last line (a kill mid-write) is cut off when
-  the file is opened again. On GCS, which has no append, the whole object is rewritten with each
-  `append`. `keep` drops stored records on opening (the steps past a restored checkpoint, which
-  the resumed run logs again), so every record is there once.
+  Records are added through an `AppendFile`; a torn last line (a kill mid-write) is cut off when
+  the file is opened again. `keep` drops stored records on opening (the steps past a restored
+  checkpoint, which the resumed run logs again), so every record is there once.
   """
 
   def __init__(self, p: PathLike, keep: Callable[[dict], bool] | None = None):
@@ -198,17 +222,12 @@ class RecordFile:
     if torn or len(kept) != len(self.records):
       self.records = kept
       write_text(self.path, _lines(kept))
+    self._file = AppendFile(self.path, _lines(self.records).encode("utf-8"))
 
   def append(self, records: Iterable[Mapping[str, Any]]) -> None:
     records = [dict(r) for r in records]
     self.records.extend(records)
-    if is_remote(self.path):
-      self.path.write_text(_lines(self.records))
-      return
-    with open(os.fspath(self.path), "a", encoding="utf-8") as f:
-      f.write(_lines(records))
-      f.flush()
-      os.fsync(f.fileno())
+    self._file.add(_lines(records).encode("utf-8"))
 
 
 def _lines(records: Iterable[Mapping[str, Any]]) -> str:

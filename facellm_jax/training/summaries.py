@@ -3,10 +3,10 @@
 tensorboardX's own writer hands events to a thread (its `flush` does not wait for them) and on
 gs:// uploads the whole event file at every flush and once more at interpreter exit (an atexit hook
 and `GCSRecordWriter.__del__`), each upload retrying for minutes if GCS is unreachable by then. An
-event file is only TFRecord framing around `Event` protos, so this writes it directly: appended
-and fsynced locally, like `paths.RecordFile`; on GCS, which has no append, the current object is
-rewritten at each `add`, and a new one begun once it holds `rollover_bytes`, so one upload stays
-small however long the run. TensorBoard reads all of a run's event files, in name order.
+event file is only TFRecord framing around `Event` protos, so this writes it directly, through a
+`paths.AppendFile` (appended and fsynced locally; on GCS, which has no append, the object is
+rewritten at each `add`), and on GCS begins a new file once one holds `rollover_bytes`, so one
+upload stays small however long the run. TensorBoard reads all of a run's event files, in name order.
 """
 
 from __future__ import annotations
@@ -46,36 +46,25 @@ class Scalars:
   def __init__(self, logdir: paths.PathLike, *, purge_step: int | None = None,
                rollover_bytes: int = 256 << 10):
     self._dir = paths.makedirs(logdir)
-    self._remote = paths.is_remote(self._dir)
-    self._rollover = rollover_bytes
+    self._rollover = rollover_bytes if paths.is_remote(self._dir) else None
     self._begin(purge_step)
 
   def _begin(self, purge_step: int | None = None) -> None:
     # The time first, then the number: later files sort after earlier ones, as the purge needs.
-    self._path = self._dir / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                              f"{os.getpid()}.{next(_FILES):04d}")
-    self._data = b""
+    self._file = paths.AppendFile(self._dir / (
+        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+        f"{next(_FILES):04d}"))
     now = time.time()
     events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2")]
     if purge_step is not None:
       events.append(event_pb2.Event(wall_time=now, step=purge_step, session_log=event_pb2.SessionLog(
           status=event_pb2.SessionLog.START)))
-    self._write(b"".join(_record(e) for e in events))
+    self._file.add(b"".join(_record(e) for e in events))
 
   def add(self, values: Mapping[str, float], step: int) -> None:
     """Writes one step's scalars (tag -> value) and makes them durable before returning."""
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
                                          for tag, v in values.items()])
-    self._write(_record(event_pb2.Event(wall_time=time.time(), step=step, summary=summary)))
-    if self._remote and len(self._data) >= self._rollover:
+    self._file.add(_record(event_pb2.Event(wall_time=time.time(), step=step, summary=summary)))
+    if self._rollover is not None and self._file.size >= self._rollover:
       self._begin()
-
-  def _write(self, data: bytes) -> None:
-    if self._remote:
-      self._data += data
-      self._path.write_bytes(self._data)
-      return
-    with open(os.fspath(self._path), "ab") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
