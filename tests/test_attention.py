@@ -1,4 +1,5 @@
-"""The attention door: splash (in Pallas' interpreter) equals XLA attention; the config's choice."""
+"""The attention door: XLA attention equals plain softmax attention, splash (in Pallas' interpreter)
+equals XLA attention; the config's choice."""
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,41 @@ def _packed_ids(b, t):
   ids[0, :100], ids[0, 100:160] = 1, 2
   ids[1:] = 1
   return jnp.asarray(ids)
+
+
+def _plain(q, k, v, keep):
+  """The textbook form, JAX's own gradient: softmax(q k^T / sqrt(h) where keep) v, GQA by repeat."""
+  g = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("case", ["causal_packed_blocks", "causal_one_block", "bidirectional", "cache_mask"])
+def test_xla_attention_and_its_gradient_equal_plain_softmax_attention(case):
+  t = {"causal_packed_blocks": 300, "causal_one_block": 96}.get(case, 40)  # 300: blocks 128+128+44
+  q, k, v = _qkv(2, t, 4, 2, 16, seed=1)
+  ids = _packed_ids(2, t) if case == "causal_packed_blocks" else jnp.ones((2, t), jnp.int32)
+  causal = case.startswith("causal")
+  lower = jnp.tril(jnp.ones((t, t), bool))
+  if case == "cache_mask":  # decoding: the last 8 queries against all keys, an explicit mask
+    q = q[:, -8:]
+    mask = jnp.asarray(np.random.default_rng(0).random((2, 1, 8, t)) < 0.7).at[..., 0].set(True)
+    ours = lambda q, k, v: layers.attention(q, k, v, mask, "xla")
+    plain = lambda q, k, v: _plain(q, k, v, mask)
+  else:
+    mask = attention_lib.Segments(ids) if causal else None
+    keep = (ids[:, None, :, None] == ids[:, None, None, :]) & (lower if causal else True)
+    ours = lambda q, k, v: layers.attention(q, k, v, mask, "xla", causal=causal)
+    plain = lambda q, k, v: _plain(q, k, v, keep)
+  np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(2), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
+  got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("t", [256, 180])  # 180: padded to 256 inside

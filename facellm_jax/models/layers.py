@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from facellm_jax.models.attention import Segments, splash
+from facellm_jax.models.attention import Segments, splash, xla_attention
 
 Array = jax.Array
 
@@ -165,7 +165,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Segments | None = None
 
   `mask` is a boolean array broadcastable to [B,N,T,S] (True = keep) or the `Segments` of packed
   rows; `causal` also hides the keys after each query (queries being the last T of the S
-  positions), without a [T,S] mask input: the XLA path compares iotas inside the softmax fusion,
+  positions), without a [T,S] mask input: the XLA path builds it from iotas per block of queries,
   cuDNN and splash skip masked blocks. `implementation`: None/'xla', 'cudnn', 'splash' (TPU;
   self-attention with `Segments` or no mask) or 'splash_interpret' (the same kernel in Pallas'
   interpreter, for CPU tests); see `models/attention.py`. Softmax runs in float32; fully masked
@@ -176,30 +176,16 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Segments | None = None
     if mask is not None and not isinstance(mask, Segments):
       raise ValueError("splash attention takes packing masks as Segments only (no KV-cache decoding)")
     return splash(q, k, v, mask, causal=causal, interpret=implementation == "splash_interpret")
-  if isinstance(mask, Segments):
-    mask = mask.mask()
   if implementation not in (None, "xla"):
+    mask = mask.mask() if isinstance(mask, Segments) else mask
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
-  b, t, n, h = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  g = n // kv
-  # Heads-major operands: per (batch, kv head) both matmuls read contiguous [G*T, H], [S, H] and
-  # [G*T, S] blocks, so XLA:CPU copies the small q/k/v/out instead of transposing the probabilities.
-  qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)
-  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  logits = jnp.einsum("bkgth,bksh->bkgts", qg, kh, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+  segments = mask if isinstance(mask, Segments) else None
   keep = None
-  if mask is not None:
+  if mask is not None and segments is None:
+    n, kv = q.shape[2], k.shape[2]
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     if mask.shape[1] == 1:
       keep = mask[:, :, None]
     else:
-      keep = jnp.broadcast_to(mask, (mask.shape[0], n, *mask.shape[2:])).reshape(mask.shape[0], kv, g, *mask.shape[2:])
-  if causal:
-    lower = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
-    keep = lower if keep is None else keep & lower
-  if keep is not None:
-    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksh->bkgth", probs, vh)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+      keep = jnp.broadcast_to(mask, (mask.shape[0], n, *mask.shape[2:])).reshape(mask.shape[0], kv, n // kv, *mask.shape[2:])
+  return xla_attention(q, k, v, keep, segments, causal)
