@@ -88,26 +88,29 @@ class RssPeak:
 
 def interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: int,
                 warmup: int = 1) -> dict[str, dict[str, Any]]:
-  """Runs each contender `warmup` times untimed, then `repeats` rounds alternating them.
+  """Runs each contender `warmup` times untimed, once more for memory, then `repeats` rounds
+  alternating them, timed.
 
   Every callable must block until its work is done (e.g. `jax.block_until_ready`). Returns per
-  contender the median and all times (s), and the largest RSS growth and absolute RSS seen
-  during its timed calls (MB).
+  contender the median and all times (s), and the RSS growth and absolute RSS of its memory call
+  (MB). Memory is sampled on a call of its own (the heap trimmed first, so its growth shows): a
+  sampling thread and a trimmed heap would slow the timed calls, whose freed pages a training
+  process keeps for reuse (`facellm_jax.host_memory`).
   """
   for _ in range(warmup):
     for fn in contenders.values():
       fn()
+  growth, peak = {}, {}
+  for name, fn in contenders.items():
+    with RssPeak() as rss:
+      fn()
+    growth[name], peak[name] = rss.growth, rss.peak
   times: dict[str, list[float]] = {name: [] for name in contenders}
-  growth = dict.fromkeys(contenders, 0)
-  peak = dict.fromkeys(contenders, 0)
   for _ in range(repeats):
     for name, fn in contenders.items():
-      with RssPeak() as rss:
-        start = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - start)
-      growth[name] = max(growth[name], rss.growth)
-      peak[name] = max(peak[name], rss.peak)
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
   return {name: {"median_s": statistics.median(t), "times_s": [round(x, 4) for x in t],
                  "rss_growth_mb": round(growth[name] / MB, 1), "rss_peak_mb": round(peak[name] / MB, 1)}
           for name, t in times.items()}

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from facellm_jax import demo
+from facellm_jax import demo, host_memory
 from facellm_jax.input import pipeline
 from facellm_jax.input import tokenizer as tok_lib
 from facellm_jax.training import checkpoint as ckpt_lib
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch-sizes", type=int, nargs=2, metavar=("PRETRAIN", "FINE_TUNE"),
                  help="rows per step of each stage (default: the workdir's settings)")
   args = p.parse_args(argv)
+  host_memory.keep_freed_pages()  # as facellm-demo does, before JAX starts
   if not (args.workdir / "pretrain" / "hf" / "config.json").is_file():
     print(f"demo_profile: error: {args.workdir} has no pretrain/hf yet; run facellm-demo there first",
           file=sys.stderr)

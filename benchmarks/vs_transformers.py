@@ -38,7 +38,7 @@ import torch
 from flax import nnx
 
 import common
-from facellm_jax import hf
+from facellm_jax import hf, host_memory
 from facellm_jax.inference.generate import Generator
 from facellm_jax.training import step as step_lib
 
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and benchmark")
   args = parser.parse_args(argv)
+  host_memory.keep_freed_pages()  # for both sides, before either starts its threads
   if args.repeats < 1:
     parser.exit(2, f"vs_transformers: --repeats must be >= 1, got {args.repeats}\n")
   repeats = 1 if args.smoke else args.repeats

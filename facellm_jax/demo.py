@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from facellm_jax import paths
+from facellm_jax import host_memory, paths
 
 CHANCE = 0.25  # four options per question
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
@@ -406,6 +406,7 @@ def summary(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  host_memory.keep_freed_pages()  # before JAX starts
   from facellm_jax.training import loop  # pylint: disable=g-import-not-at-top
 
   try:

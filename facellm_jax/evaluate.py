@@ -46,7 +46,7 @@ from pathlib import Path
 
 import jax
 
-from facellm_jax import paths
+from facellm_jax import host_memory, paths
 from facellm_jax.evaluation import facexbench, fairness
 from facellm_jax.inference import answer, compile_only, hosts, load
 
@@ -214,6 +214,7 @@ def _compile_only(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  host_memory.keep_freed_pages()  # before JAX starts
   argv = sys.argv[1:] if argv is None else argv
   if "--compile_only" in argv:
     return _compile_only(argv)

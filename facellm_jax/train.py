@@ -28,7 +28,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from facellm_jax import paths
+from facellm_jax import host_memory, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:variant].",
                                           lock_config=True)
@@ -153,6 +153,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  host_memory.keep_freed_pages()  # before JAX starts
   argv = list(sys.argv if argv is None else argv)
   saved, sys.argv = sys.argv, argv  # config_flags reads the `--config.*` overrides from sys.argv.
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
