@@ -10,11 +10,11 @@ benchmark; see facellm_jax/demo.py):
   (4096 features -> the projector). With 16 tokens the decoder must first learn where on the
   face to look before any answer improves; one token makes the projector the place that learns
   what the face shows, as a linear probe would.
-- packing, rows of 208 tokens, 16 rows, 340 steps: the items are 36-96 tokens (about 65 on
+- packing, rows of 208 tokens, 16 rows, 500 steps: the items are 36-96 tokens (about 65 on
   average with the demo's tokenizer, facellm_jax/demo.py), so padded one per row to the longest
   a step spent a third of its tokens on padding (a step costs its tokens: 128 took 1.6x the time
   of 88). Packed, a step of 16 x 208 tokens holds about 48 examples, where 32 x 104 held 32: 340
-  steps see what 500 did. `max_images_per_row` 4: the vision tower runs on every slot, filled or
+  packed steps saw what 500 unpacked did (500 since 340 fell to 87.7% on another CPU; demo.Settings). `max_images_per_row` 4: the vision tower runs on every slot, filled or
   not, and only 5 of the shortest items (cards, 36 tokens; a tenth of the mix) would fit.
 - the tower frozen (`all_but_vision`; `:full` or `:lora` as arguments): the vision stage
   (facellm_jax/demo_vision.py) taught it to see, and its backward pass is a quarter to a third of
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.cutoff_len = 208
   cfg.data.packing = True
   cfg.data.max_images_per_row = 4
-  cfg.train.num_steps = 340
+  cfg.train.num_steps = 500
   cfg.train.batch_size = 16
   cfg.train.learning_rate = 1e-3
   cfg.checkpoint.every_steps = 1_000_000  # the demo caps it at the stage's steps

@@ -69,7 +69,10 @@ class Settings:
   vision_batch_size: int = 64
   pretrain_steps: int = 600
   pretrain_batch_size: int = 64
-  steps: int = 340  # the pretrained model reads the faces; this teaches the benchmark's format
+  # The pretrained model reads the faces; this teaches the benchmark's format. 340 steps scored
+  # 87.7% on the Xeon box (expression 60%) where the EPYC box's float rounding gave 93.1%; 500:
+  # 91.4% and, seed 1, 94.9% (benchmarks/README.md, demo section, eighth round).
+  steps: int = 500
   batch_size: int = 16  # rows of 208 tokens, ~3 packed examples each (configs/demo.py)
   seed: int = 0
   image_size: int = 112
