@@ -29,14 +29,27 @@ def jax_runs_on_cpu() -> bool:
   return not any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
 
 
+def _jax_cpu_client_started() -> bool:
+  """Whether this process already runs XLA:CPU's thread pool (its threads are named tf_XLA...)."""
+  for comm in glob.glob("/proc/self/task/*/comm"):
+    try:
+      with open(comm) as f:
+        if f.read().startswith("tf_XLA"):
+          return True
+    except OSError:  # the thread has exited
+      continue
+  return False
+
+
 def keep_freed_pages() -> bool:
   """Tells glibc's malloc to keep freed memory for reuse; returns whether it did.
 
-  Must run before JAX starts its CPU client (the first `jax.devices()` or computation): a thread
-  keeps the arena of its first allocation. A no-op off Linux/glibc or where JAX runs on an
+  Only before JAX starts its CPU client (the first `jax.devices()` or computation): a thread keeps
+  the arena of its first allocation, so later it would change nothing but the rest of the process
+  (a test worker calling a CLI's main, say). A no-op off Linux/glibc or where JAX runs on an
   accelerator.
   """
-  if not sys.platform.startswith("linux") or not jax_runs_on_cpu():
+  if not sys.platform.startswith("linux") or not jax_runs_on_cpu() or _jax_cpu_client_started():
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
