@@ -88,14 +88,15 @@ class RssPeak:
 
 def interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: int,
                 warmup: int = 1) -> dict[str, dict[str, Any]]:
-  """Runs each contender `warmup` times untimed, once more for memory, then `repeats` rounds
-  alternating them, timed.
+  """Runs each contender `warmup` times untimed, once more for memory and once more untimed, then
+  `repeats` rounds alternating them, timed.
 
   Every callable must block until its work is done (e.g. `jax.block_until_ready`). Returns per
   contender the median and all times (s), and the RSS growth and absolute RSS of its memory call
   (MB). Memory is sampled on a call of its own (the heap trimmed first, so its growth shows): a
   sampling thread and a trimmed heap would slow the timed calls, whose freed pages a training
-  process keeps for reuse (`facellm_jax.host_memory`).
+  process keeps for reuse (`facellm_jax.host_memory`); the untimed call after it faults the
+  trimmed pages back in, so the first timed round is not the slow one.
   """
   for _ in range(warmup):
     for fn in contenders.values():
@@ -105,6 +106,8 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: int,
     with RssPeak() as rss:
       fn()
     growth[name], peak[name] = rss.growth, rss.peak
+  for fn in contenders.values():
+    fn()
   times: dict[str, list[float]] = {name: [] for name in contenders}
   for _ in range(repeats):
     for name, fn in contenders.items():
