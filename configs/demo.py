@@ -14,8 +14,9 @@ benchmark; see facellm_jax/demo.py):
   average with the demo's tokenizer, facellm_jax/demo.py), so padded one per row to the longest
   a step spent a third of its tokens on padding (a step costs its tokens: 128 took 1.6x the time
   of 88). Packed, a step of 16 x 208 tokens holds about 48 examples, where 32 x 104 held 32: 340
-  packed steps saw what 500 unpacked did (500 since 340 fell to 87.7% on another CPU; demo.Settings). `max_images_per_row` 4: the vision tower runs on every slot, filled or
-  not, and only 5 of the shortest items (cards, 36 tokens; a tenth of the mix) would fit.
+  packed steps saw what 500 unpacked did (500 since 340 fell to 87.7% on another CPU;
+  demo.Settings). `max_images_per_row` 4: the vision tower runs on every slot, filled or not, and
+  only 5 of the shortest items (cards, 36 tokens; a tenth of the mix) would fit.
 - the tower frozen (`all_but_vision`; `:full` or `:lora` as arguments): the vision stage
   (facellm_jax/demo_vision.py) taught it to see, and its backward pass is a quarter to a third of
   a step's time.

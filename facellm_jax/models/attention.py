@@ -61,15 +61,15 @@ def set_attention(model: nnx.Module, llm: str, vit: str | None = None) -> nnx.Mo
   return model
 
 
-def xla_attention(q: Array, k: Array, v: Array, keep: Array | None, segments: Segments | None, causal: bool) -> Array:
+def xla_attention(q: Array, k: Array, v: Array, mask: Array | Segments | None, causal: bool) -> Array:
   """Softmax attention in einsums, any platform: q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
-  `keep` is None or boolean broadcastable to [B, K, G, T, S] (the N heads as K groups of G).
-  Causal self-attention (T == S, `segments` or no mask) runs in blocks of `_QUERY_BLOCK` queries,
-  each against the keys up to its last query only: a third fewer FLOPs at 512 tokens, and a
-  block's [G x 128, S] scores stay in a CPU core's cache through the softmax and its backward
-  where the whole [T, S] did not (on a 2-core Xeon the 512-token attention of
-  benchmarks/vs_transformers.py: 130 -> 37 ms forward and backward, torch's SDPA 30 ms).
+  `mask` as `layers.attention` takes it. Causal self-attention (T == S, `Segments` or no mask)
+  runs in blocks of `_QUERY_BLOCK` queries, each against the keys up to its last query only: a
+  third fewer FLOPs at 512 tokens, and a block's [G x 128, S] scores stay in a CPU core's cache
+  through the softmax and its backward where the whole [T, S] did not (on a 2-core Xeon the
+  512-token attention of benchmarks/vs_transformers.py: 130 -> 37 ms forward and backward,
+  torch's SDPA 30 ms).
   """
   b, t, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
@@ -78,23 +78,29 @@ def xla_attention(q: Array, k: Array, v: Array, keep: Array | None, segments: Se
   qg = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   scale = 1.0 / math.sqrt(h)
-  if causal and t == s and keep is None and t > _QUERY_BLOCK:
+  segments = mask if isinstance(mask, Segments) else None
+  if causal and t == s and (mask is None or segments is not None):
     outs = []
     for start in range(0, t, _QUERY_BLOCK):
       stop = min(start + _QUERY_BLOCK, t)
-      block = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+      keep = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
       if segments is not None:
         ids = segments.ids
-        block = block & (ids[:, None, None, start:stop, None] == ids[:, None, None, None, :stop])
-      outs.append(_softmax_attention(qg[:, :, :, start:stop], kh[:, :, :stop], vh[:, :, :stop], block, scale))
-    out = jnp.concatenate(outs, axis=3)
-  else:
-    if segments is not None:
-      keep = segments.mask()[:, :, None]
-    if causal:
-      lower = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
-      keep = lower if keep is None else keep & lower
-    out = _softmax_attention(qg, kh, vh, keep, scale)
+        keep = keep & (ids[:, None, None, start:stop, None] == ids[:, None, None, None, :stop])
+      outs.append(_softmax_attention(qg[:, :, :, start:stop], kh[:, :, :stop], vh[:, :, :stop], keep, scale))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  keep = None
+  if mask is not None:  # -> broadcastable to [B, K, G, T, S]
+    mask = segments.mask() if segments is not None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] == 1:
+      keep = mask[:, :, None]
+    else:
+      keep = jnp.broadcast_to(mask, (mask.shape[0], n, *mask.shape[2:])).reshape(mask.shape[0], kv, n // kv, *mask.shape[2:])
+  if causal:
+    lower = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+    keep = lower if keep is None else keep & lower
+  out = _softmax_attention(qg, kh, vh, keep, scale)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 

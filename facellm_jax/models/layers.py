@@ -179,13 +179,4 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Segments | None = None
   if implementation not in (None, "xla"):
     mask = mask.mask() if isinstance(mask, Segments) else mask
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
-  segments = mask if isinstance(mask, Segments) else None
-  keep = None
-  if mask is not None and segments is None:
-    n, kv = q.shape[2], k.shape[2]
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    if mask.shape[1] == 1:
-      keep = mask[:, :, None]
-    else:
-      keep = jnp.broadcast_to(mask, (mask.shape[0], n, *mask.shape[2:])).reshape(mask.shape[0], kv, n // kv, *mask.shape[2:])
-  return xla_attention(q, k, v, keep, segments, causal)
+  return xla_attention(q, k, v, mask, causal)
